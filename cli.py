@@ -1,0 +1,261 @@
+"""Command line: extract features once, probe the heads often, evaluate.
+
+    python cli.py demo
+    python cli.py extract --annotations data/flickr30k_annotations_with_splits.csv --images data/flickr30k_images
+    python cli.py probe --cache cache/flickr30k_ViT-B-32_openai_fp32.h5
+    python cli.py eval --cache cache/flickr30k_ViT-B-32_openai_fp32.h5 --split test
+
+Each command parses and checks its options, calls one library function, and turns
+library errors into one clear line and a non-zero exit.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+import cache as cache_mod
+import data
+
+DEFAULT_ANNOTATIONS = Path("data/flickr30k_annotations_with_splits.csv")
+DEFAULT_IMAGES = Path("data/flickr30k_images")
+DEFAULT_CACHE = Path("cache/flickr30k_ViT-B-32_openai_fp32.h5")
+DEFAULT_CHECKPOINT = Path("checkpoints/linearprobe_best.pt")
+DEFAULT_HISTORY = Path("artifacts/training_history.json")
+DEFAULT_RESULTS = Path("artifacts/final_evaluation_results.json")
+
+
+def _library_errors() -> tuple:
+    """The error types the stage modules raise on purpose (extract/probe only if already imported)."""
+    known = [data.DataError, cache_mod.CacheError, OSError]
+    for module, name in (("extract", "ExtractError"), ("probe", "ProbeError")):
+        if module in sys.modules:
+            known.append(getattr(sys.modules[module], name))
+    return tuple(known)
+
+
+def friendly_errors(fn):
+    """Library errors become one line on stderr and exit status 1; anything else is a bug and shows its trace."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except _library_errors() as exc:
+            raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    return wrapper
+
+
+@click.group()
+def cli():
+    """Fine-tune CLIP's projection heads on an image-caption collection, on a CPU."""
+
+
+# ---------------------------------------------------------------- splits
+
+@cli.command()
+@click.option("--annotations", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--format", "fmt", type=click.Choice(["auto", *data.FORMATS]), default="auto", show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--val", type=float, default=0.1, show_default=True, help="fraction of images for validation")
+@click.option("--test", type=float, default=0.1, show_default=True, help="fraction of images for test")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_ANNOTATIONS, show_default=True)
+@friendly_errors
+def splits(annotations, fmt, seed, val, test, out):
+    """Write the canonical CSV (image,caption,split), splitting by image.
+
+    A split given in the input is kept; otherwise images are drawn at random (seeded).
+
+    Example: python cli.py splits --annotations results.csv --out data/flickr30k_annotations_with_splits.csv
+    """
+    df, report = data.read_annotations(annotations, fmt)
+    df = data.assign_splits(df, val=val, test=test, seed=seed)
+    data.write_csv_atomic(df, out)
+    click.echo(data.split_counts(df).to_string())
+    _echo_caption_report(report)
+    click.echo(f"wrote {out}")
+
+
+def _echo_caption_report(report: data.CaptionReport) -> None:
+    if report.dropped:
+        click.echo("captions dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(report.dropped.items())))
+    if report.recovered_lines:
+        click.echo(f"recovered rows with a missing separator at line(s): {report.recovered_lines}")
+    if report.non_ascii:
+        click.echo(f"captions with non-ASCII text (kept): {report.non_ascii}")
+
+
+# ---------------------------------------------------------------- extract
+
+@cli.command("extract")
+@click.option("--annotations", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=DEFAULT_ANNOTATIONS, show_default=True)
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=DEFAULT_IMAGES, show_default=True)
+@click.option("--cache", "cache_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=DEFAULT_CACHE, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["auto", *data.FORMATS]), default="auto", show_default=True)
+@click.option("--model", default="ViT-B-32", show_default=True, help="any open_clip model name")
+@click.option("--pretrained", default="openai", show_default=True, help="an open_clip tag, a local FILE, or 'none'")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True,
+              help="image-decoding processes")
+@click.option("--seed", type=int, default=0, show_default=True, help="random-init seed for --pretrained none")
+@click.option("--strict", is_flag=True, help="exit non-zero, listing them, if any image failed")
+@friendly_errors
+def extract_cmd(annotations, images, cache_path, fmt, model, pretrained, precision, device, batch_size,
+                workers, seed, strict):
+    """Run the frozen trunks once and write pre-projection features to an HDF5 cache.
+
+    Killed or interrupted, the same command resumes where it stopped.
+
+    Example: python cli.py extract --annotations data/flickr30k_annotations_with_splits.csv
+    --images data/flickr30k_images --cache cache/flickr30k.h5
+    """
+    import extract
+    settings = extract.ExtractSettings(annotations=annotations, images=images, cache=cache_path, model=model,
+                                       pretrained=pretrained, precision=precision, device=device,
+                                       batch_size=batch_size, workers=workers, seed=seed, fmt=fmt, strict=strict)
+    summary = extract.extract(settings)
+    _echo_extract_summary(summary)
+    if strict and summary.failures:
+        listing = "; ".join(f"{n} ({e})" for n, e in summary.failures[:20])
+        more = f" and {len(summary.failures) - 20} more" if len(summary.failures) > 20 else ""
+        raise click.ClickException(f"--strict: {len(summary.failures)} image(s) failed: {listing}{more}")
+
+
+def _echo_extract_summary(s) -> None:
+    failed = sum(s.images_failed.values())
+    click.echo(f"cache: {s.cache}")
+    click.echo(f"images: {s.images_done} done, {failed} failed"
+               + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(s.images_failed.items())) + ")" if failed else ""))
+    click.echo(f"captions: {s.captions}" + (f", {s.captions_truncated} truncated to the context length"
+                                            if s.captions_truncated else ""))
+    if s.captions_dropped:
+        click.echo("captions dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(s.captions_dropped.items())))
+    for note in s.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"time: {s.seconds:.1f} s")
+
+
+# ---------------------------------------------------------------- probe
+
+@cli.command("probe")
+@click.option("--cache", "cache_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=DEFAULT_CACHE, show_default=True)
+@click.option("--annotations", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="take train/val/test from these annotations instead of the cache (matched by image name)")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_CHECKPOINT, show_default=True)
+@click.option("--history", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_HISTORY,
+              show_default=True)
+@click.option("--lr", type=float, default=None, help="AdamW learning rate")
+@click.option("--weight-decay", type=float, default=None, help="AdamW decay toward zero")
+@click.option("--reg-to-init", type=float, default=None, help="L2 penalty on the distance from the pretrained heads")
+@click.option("--train-logit-scale/--freeze-logit-scale", default=None, help="learn the temperature or keep it")
+@click.option("--batch-size", type=click.IntRange(min=2), default=None)
+@click.option("--epochs", type=click.IntRange(min=1), default=None)
+@click.option("--patience", type=click.IntRange(min=0), default=None)
+@click.option("--seed", type=int, default=None)
+@friendly_errors
+def probe_cmd(cache_path, annotations, out, history, **options):
+    """Train the two projection heads on the cached features, keeping the best on validation.
+
+    Example: python cli.py probe --cache cache/flickr30k.h5 --lr 1e-3 --epochs 30
+    """
+    import probe
+    settings = probe.ProbeSettings(**{k: v for k, v in options.items() if v is not None})
+    c = _load_cache(cache_path, annotations)
+    result = probe.train(c, settings, out, history, log=sys.stdout)
+    click.echo(f"best epoch {result['best_epoch']}: val mean recall {result['val_mean_recall']:.2f}; "
+               f"saved {out}; history {history}")
+
+
+def _load_cache(cache_path: Path, annotations: Path | None) -> cache_mod.Cache:
+    c = cache_mod.load(cache_path)
+    if annotations is not None:
+        df, _ = data.read_annotations(annotations)
+        c.image_split = data.apply_splits(c.image_names, data.assign_splits(df))
+    return c
+
+
+# ---------------------------------------------------------------- eval
+
+@cli.command("eval")
+@click.option("--cache", "cache_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=DEFAULT_CACHE, show_default=True)
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--annotations", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="take splits from these annotations instead of the cache")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_CHECKPOINT,
+              show_default=True)
+@click.option("--baseline-only", is_flag=True, help="evaluate the pretrained heads alone")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_RESULTS, show_default=True)
+@friendly_errors
+def eval_cmd(cache_path, split, annotations, checkpoint, baseline_only, out):
+    """Recall@1/5/10 both ways on a split: pretrained heads beside the probed ones.
+
+    Example: python cli.py eval --cache cache/flickr30k.h5 --split test
+    """
+    import probe
+    c = _load_cache(cache_path, annotations)
+    result = probe.evaluate(c, split, None if baseline_only else checkpoint)
+    probe.write_json_atomic(out, result)
+    click.echo(format_results(result))
+    click.echo(f"wrote {out}")
+
+
+def format_results(r: dict) -> str:
+    cols = [("baseline", r["baseline"])] + ([("probe", r["probe"])] if "probe" in r else [])
+    head = f"{r['split']}: {r['n_images']} images, {r['n_captions']} captions"
+    lines = [head, f"{'':18}" + "".join(f"{name:>10}" for name, _ in cols) + ("     delta" if len(cols) > 1 else "")]
+    for d, label in (("text_to_image", "text->image"), ("image_to_text", "image->text")):
+        for k in ("R@1", "R@5", "R@10", "median_rank"):
+            vals = [m[d][k] for _, m in cols]
+            row = f"{label + ' ' + k:18}" + "".join(f"{v:10.2f}" for v in vals)
+            if len(cols) > 1 and k.startswith("R@"):
+                row += f"{vals[1] - vals[0]:+10.2f}"
+            lines.append(row)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- demo
+
+@cli.command()
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("data/demo"), show_default=True)
+@click.option("--images", "n_images", type=click.IntRange(min=20), default=600, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True)
+@friendly_errors
+def demo(root, n_images, seed, workers):
+    """Generate a captioned-shapes dataset and run extract, probe and eval on it, offline.
+
+    The trunks are a random-init ViT-B/32 (no weights can be downloaded offline), so the
+    baseline is at chance; the probe shows how much the heads alone can learn.
+
+    Example: python cli.py demo
+    """
+    import extract
+    import probe
+    annotations = data.make_demo_dataset(root, n_images=n_images, seed=seed)
+    click.echo(f"demo dataset: {n_images} images, 5 captions each, in {root}")
+    cache_path = Path("cache") / f"demo_{n_images}_ViT-B-32_none_fp32.h5"
+    summary = extract.extract(extract.ExtractSettings(
+        annotations=annotations, images=root / "images", cache=cache_path, pretrained="none", seed=seed,
+        workers=workers))
+    _echo_extract_summary(summary)
+    c = cache_mod.load(cache_path)
+    trained = probe.train(c, probe.ProbeSettings(seed=seed), DEFAULT_CHECKPOINT, DEFAULT_HISTORY, log=sys.stdout)
+    click.echo(f"best epoch {trained['best_epoch']}, saved {DEFAULT_CHECKPOINT}")
+    result = probe.evaluate(c, "test", DEFAULT_CHECKPOINT)
+    probe.write_json_atomic(DEFAULT_RESULTS, result)
+    click.echo(format_results(result))
+    click.echo(f"wrote {DEFAULT_RESULTS}")
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,244 @@
+"""Stage 2: train the two projection heads on cached features; checkpoints; evaluation.
+
+Works from the cache alone: the trunks never run here, so an epoch is a few
+small matrix products and takes seconds.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import cache as cache_mod
+import metrics
+
+CHECKPOINT_FORMAT = "finetune-clip-flickr30k/heads-v1"
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's own clamp on the temperature
+
+
+class ProbeError(ValueError):
+    """Bad settings, or a checkpoint that does not belong to the cache."""
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    lr: float = 1e-3              # AdamW learning rate
+    weight_decay: float = 0.0     # AdamW decay toward zero, on the heads only
+    reg_to_init: float = 0.0      # L2 penalty on the distance from the pretrained heads (sum of squares)
+    train_logit_scale: bool = True  # learn the temperature too, or keep the pretrained one
+    batch_size: int = 256         # distinct images per batch, one random caption each
+    epochs: int = 30              # upper bound; early stopping usually ends sooner
+    patience: int = 5             # epochs without a better validation recall before stopping
+    seed: int = 0                 # batch order and caption choice
+
+    def check(self) -> None:
+        for name in ("lr", "batch_size", "epochs"):
+            if getattr(self, name) <= 0:
+                raise ProbeError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("weight_decay", "reg_to_init", "patience"):
+            if getattr(self, name) < 0:
+                raise ProbeError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class Heads:
+    visual_proj: torch.Tensor     # [D_img, E]
+    text_projection: torch.Tensor  # [D_txt, E]
+    logit_scale: torch.Tensor     # [] (log of the inverse temperature)
+
+    @classmethod
+    def from_cache(cls, c: cache_mod.Cache) -> "Heads":
+        return cls(*(torch.as_tensor(np.asarray(c.heads[k]), dtype=torch.float32).clone()
+                     for k in ("visual_proj", "text_projection", "logit_scale")))
+
+    def embed(self, view: cache_mod.SplitView) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.from_numpy(view.image_features) @ self.visual_proj,
+                torch.from_numpy(view.text_features) @ self.text_projection)
+
+
+def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE; row i of ``img`` and ``txt`` are a pair, every other row a negative."""
+    logits = logit_scale.exp() * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
+    target = torch.arange(len(img))
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+class CaptionSampler:
+    """Per image, its captions; draws one at random for each image of a batch."""
+
+    def __init__(self, text_image_index: np.ndarray, n_images: int):
+        order = np.argsort(text_image_index, kind="stable")
+        counts = np.bincount(text_image_index, minlength=n_images)
+        self.order = torch.from_numpy(order)
+        self.start = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)[:-1]]))
+        self.count = torch.from_numpy(counts)
+        self.images = torch.from_numpy(np.flatnonzero(counts > 0))  # images with at least one caption
+
+    def draw(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        pick = (torch.rand(len(images), generator=gen) * self.count[images]).long()
+        return self.order[self.start[images] + pick]
+
+
+def _split(c: cache_mod.Cache, name: str) -> cache_mod.SplitView:
+    view = c.split(name)
+    if view.n_images < 2 or view.n_captions < 2:
+        raise ProbeError(f"split {name!r} of {c.path} has {view.n_images} usable image(s); need at least 2")
+    return view
+
+
+def evaluate_heads(heads: Heads, view: cache_mod.SplitView) -> dict:
+    with torch.no_grad():
+        img, txt = heads.embed(view)
+        return metrics.retrieval_metrics(img, txt, torch.from_numpy(view.text_image_index))
+
+
+def _val_loss(heads: Heads, view: cache_mod.SplitView, batch_size: int) -> float:
+    """Contrastive loss on validation with each image's first caption (fixed, so epochs compare)."""
+    sampler = CaptionSampler(view.text_image_index, view.n_images)
+    first = sampler.order[sampler.start[sampler.images]]
+    with torch.no_grad():
+        img, txt = heads.embed(view)
+        losses = [contrastive_loss(img[sampler.images[s:s + batch_size]], txt[first[s:s + batch_size]],
+                                   heads.logit_scale) * len(first[s:s + batch_size])
+                  for s in range(0, len(first), batch_size)]
+    return float(sum(losses) / len(first))
+
+
+def train(c: cache_mod.Cache, settings: ProbeSettings, out: Path, history_path: Path | None = None,
+          log=sys.stderr) -> dict:
+    """Train from the cached pretrained heads; keep the heads with the best validation recall."""
+    settings.check()
+    torch.manual_seed(settings.seed)
+    gen = torch.Generator().manual_seed(settings.seed)
+    train_view, val_view = _split(c, "train"), _split(c, "val")
+    init = Heads.from_cache(c)
+    heads = Heads(*(t.clone().requires_grad_(True) for t in (init.visual_proj, init.text_projection,
+                                                              init.logit_scale)))
+    heads.logit_scale.requires_grad_(settings.train_logit_scale)
+    groups = [{"params": [heads.visual_proj, heads.text_projection], "weight_decay": settings.weight_decay}]
+    if settings.train_logit_scale:
+        groups.append({"params": [heads.logit_scale], "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=settings.lr)
+    x_img = torch.from_numpy(train_view.image_features)
+    x_txt = torch.from_numpy(train_view.text_features)
+    sampler = CaptionSampler(train_view.text_image_index, train_view.n_images)
+
+    history, best, since_best = [], None, 0
+    for epoch in range(0, settings.epochs + 1):
+        t0 = time.perf_counter()
+        train_loss = _train_epoch(heads, init, opt, x_img, x_txt, sampler, settings, gen) if epoch else None
+        val = evaluate_heads(heads, val_view)
+        entry = {"epoch": epoch, "train_loss": train_loss, "val_loss": _val_loss(heads, val_view, settings.batch_size),
+                 "val": val, "val_mean_recall": metrics.mean_recall(val),
+                 "logit_scale": float(heads.logit_scale.detach()), "seconds": time.perf_counter() - t0}
+        history.append(entry)
+        improved = best is None or entry["val_mean_recall"] > best["val_mean_recall"]
+        print(f"epoch {epoch:3d}  train loss {'-' if train_loss is None else f'{train_loss:.4f}':>7}  "
+              f"val loss {entry['val_loss']:.4f}  val mean recall {entry['val_mean_recall']:6.2f}"
+              f"{'  *' if improved else ''}", file=log)
+        if improved:
+            best, since_best = entry, 0
+            save_checkpoint(out, heads, c, settings, entry)
+        else:
+            since_best += 1
+            if since_best > settings.patience:
+                print(f"early stop: no better validation recall for {settings.patience} epochs", file=log)
+                break
+    if history_path is not None:
+        write_json_atomic(history_path, {"settings": asdict(settings), "cache_fingerprint": c.fingerprint,
+                                         "best_epoch": best["epoch"], "epochs": history})
+    return {"best_epoch": best["epoch"], "val": best["val"], "val_mean_recall": best["val_mean_recall"],
+            "history": history, "checkpoint": str(out)}
+
+
+def _train_epoch(heads, init, opt, x_img, x_txt, sampler, settings, gen) -> float:
+    images = sampler.images[torch.randperm(len(sampler.images), generator=gen)]
+    total, n = 0.0, 0
+    for s in range(0, len(images), settings.batch_size):
+        batch = images[s:s + settings.batch_size]
+        if len(batch) < 2:
+            continue  # a lone pair has no negative to learn from
+        caps = sampler.draw(batch, gen)
+        loss = contrastive_loss(x_img[batch] @ heads.visual_proj, x_txt[caps] @ heads.text_projection,
+                                heads.logit_scale)
+        total += float(loss.detach()) * len(batch)
+        n += len(batch)
+        if settings.reg_to_init:
+            loss = loss + settings.reg_to_init * ((heads.visual_proj - init.visual_proj).pow(2).sum()
+                                                  + (heads.text_projection - init.text_projection).pow(2).sum())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            heads.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    return total / max(n, 1)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path: Path, heads: Heads, c: cache_mod.Cache, settings: ProbeSettings, entry: dict) -> None:
+    """Write to a temp file beside the target and rename, so a checkpoint is never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": CHECKPOINT_FORMAT,
+               "visual_proj": heads.visual_proj.detach().clone(),
+               "text_projection": heads.text_projection.detach().clone(),
+               "logit_scale": heads.logit_scale.detach().clone(),
+               "settings": asdict(settings),
+               "cache_fingerprint": c.fingerprint,
+               "cache": {k: str(c.attrs.get(k, "")) for k in ("model", "pretrained", "precision", "seed")},
+               "epoch": entry["epoch"], "val": entry["val"], "val_mean_recall": entry["val_mean_recall"]}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, c: cache_mod.Cache | None = None) -> tuple[Heads, dict]:
+    """Load heads (``weights_only=True``: no code runs); refuse a checkpoint made from another cache."""
+    path = Path(path)
+    if not path.is_file():
+        raise ProbeError(f"checkpoint not found: {path} (run `python cli.py probe` first)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a foreign or damaged file
+        raise ProbeError(f"{path} is not a readable checkpoint: {str(exc).splitlines()[0][:160]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ProbeError(f"{path} is not a probe checkpoint of this tool (format {CHECKPOINT_FORMAT})")
+    if c is not None and ckpt["cache_fingerprint"] != c.fingerprint:
+        raise ProbeError(f"checkpoint {path} was trained on cache {ckpt['cache_fingerprint']}, "
+                         f"but {c.path} has fingerprint {c.fingerprint}")
+    return Heads(ckpt["visual_proj"], ckpt["text_projection"], ckpt["logit_scale"]), ckpt
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- evaluation
+
+def evaluate(c: cache_mod.Cache, split: str, checkpoint: Path | None) -> dict:
+    """Baseline (the cached pretrained heads) beside the probed heads, in the results-JSON shape."""
+    view = c.split(split)
+    if view.n_images == 0 or view.n_captions == 0:
+        raise ProbeError(f"split {split!r} of {c.path} has no usable images")
+    result = {"split": split, "n_images": view.n_images, "n_captions": view.n_captions,
+              "baseline": evaluate_heads(Heads.from_cache(c), view)}
+    if checkpoint is not None:
+        heads, _ = load_checkpoint(checkpoint, c)
+        result["probe"] = {**evaluate_heads(heads, view), "checkpoint": str(checkpoint)}
+        result["delta_pp"] = metrics.delta_pp(result["baseline"], result["probe"])
+    result["cache"] = {"path": str(c.path), "fingerprint": c.fingerprint,
+                       **{k: c.attrs.get(k) for k in ("model", "pretrained", "precision")}}
+    return result
