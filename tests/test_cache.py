@@ -1,0 +1,72 @@
+"""The cache's complete flag, identity, lock and loading by split."""
+import h5py
+import numpy as np
+import pytest
+
+import cache
+from conftest import make_synthetic_cache
+
+
+def test_incomplete_cache_is_never_read(tmp_path):
+    path = make_synthetic_cache(tmp_path / "c.h5")
+    with h5py.File(path, "r+") as f:
+        f.attrs["complete"] = False
+    with pytest.raises(cache.CacheError, match="not complete"):
+        cache.load(path)
+
+
+def test_unfinished_rows_refuse_to_seal(tmp_path):
+    path = make_synthetic_cache(tmp_path / "c.h5")
+    with h5py.File(path, "r+") as f:
+        f["texts/status"][3] = cache.PENDING
+    w = cache.Writer(path)
+    with pytest.raises(cache.CacheError, match="pending"):
+        w.finish()
+    w.close()
+
+
+def test_unwritten_rows_are_nan_not_zero(tmp_path):
+    path = make_synthetic_cache(tmp_path / "c.h5", failed=[4, 9])
+    c = cache.load(path)
+    assert np.isnan(c.image_features[[4, 9]]).all()
+    assert not c.image_ok[4] and c.image_error[4].startswith("missing")
+
+
+def test_split_leaves_out_failed_images_with_their_captions(tmp_path):
+    path = make_synthetic_cache(tmp_path / "c.h5", n_images=20, failed=[1])
+    c = cache.load(path)
+    view = c.split("train")
+    assert 1 not in view.image_rows and view.n_images == 13
+    assert view.n_captions == 13 * 5
+    # every caption still points at its own image's features
+    for row, local in zip(view.caption_rows, view.text_image_index):
+        assert view.image_rows[local] == c.text_image_index[row]
+    with pytest.raises(cache.CacheError, match="no images"):
+        c.split("holdout")
+
+
+def test_fingerprint_follows_contents(tmp_path):
+    a = cache.read_attrs(make_synthetic_cache(tmp_path / "a.h5", seed=0))["fingerprint"]
+    b = cache.read_attrs(make_synthetic_cache(tmp_path / "b.h5", seed=0))["fingerprint"]
+    c = cache.read_attrs(make_synthetic_cache(tmp_path / "c.h5", seed=1))["fingerprint"]
+    assert a == b != c
+
+
+def test_second_writer_is_refused(tmp_path):
+    path = tmp_path / "c.h5"
+    with cache.locked(path):
+        with pytest.raises(cache.CacheError, match="in use"):
+            with cache.locked(path):
+                pass
+    with cache.locked(path):  # released again
+        pass
+
+
+def test_mismatch_names_the_attribute():
+    stored = {"model": "ViT-B-32", "precision": "fp32", "pretrained": "none"}
+    assert cache.mismatch(stored, {"model": "ViT-B-32", "precision": "bf16"}) == ["precision='fp32' (wanted 'bf16')"]
+
+
+def test_missing_cache_says_what_to_run(tmp_path):
+    with pytest.raises(cache.CacheError, match="extract"):
+        cache.load(tmp_path / "nope.h5")

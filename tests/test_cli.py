@@ -1,0 +1,95 @@
+"""Every command driven through click's CliRunner with real argument lists."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+import cli
+from conftest import make_synthetic_cache
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def invoke(*args):
+        return CliRunner().invoke(cli.cli, [str(a) for a in args], catch_exceptions=False)
+    return invoke
+
+
+def test_every_command_has_help_with_an_example(run):
+    for name, command in cli.cli.commands.items():
+        result = run(name, "--help")
+        assert result.exit_code == 0, name
+        assert "Example" in result.output, name
+
+
+def test_splits_by_image(run, tmp_path):
+    rows = [(f"im{i}.jpg", f"caption {j} of {i}") for i in range(50) for j in range(5)]
+    pd.DataFrame(rows, columns=["image", "caption"]).to_csv(tmp_path / "a.csv", index=False)
+    result = run("splits", "--annotations", tmp_path / "a.csv", "--out", tmp_path / "out.csv", "--seed", 1)
+    assert result.exit_code == 0, result.output
+    out = pd.read_csv(tmp_path / "out.csv")
+    assert out.groupby("image")["split"].nunique().max() == 1
+    assert out.drop_duplicates("image")["split"].value_counts().to_dict() == {"train": 40, "val": 5, "test": 5}
+    assert "train" in result.output and "captions" in result.output
+    again = run("splits", "--annotations", tmp_path / "a.csv", "--out", tmp_path / "out2.csv", "--seed", 1)
+    assert again.exit_code == 0 and (tmp_path / "out.csv").read_text() == (tmp_path / "out2.csv").read_text()
+
+
+def test_extract_probe_eval(run, shapes, tmp_path):
+    annotations, images = shapes
+    cache_path = tmp_path / "c.h5"
+    r = run("extract", "--annotations", annotations, "--images", images, "--cache", cache_path,
+            "--pretrained", "none", "--workers", 0, "--batch-size", 16)
+    assert r.exit_code == 0, r.output
+    assert "24 done, 0 failed" in r.output and "random init" in r.output
+    r = run("probe", "--cache", cache_path, "--epochs", 3, "--batch-size", 8)
+    assert r.exit_code == 0, r.output
+    assert Path("checkpoints/linearprobe_best.pt").is_file()
+    history = json.loads(Path("artifacts/training_history.json").read_text())
+    assert len(history["epochs"]) == 4
+    r = run("eval", "--cache", cache_path, "--split", "test")
+    assert r.exit_code == 0, r.output
+    assert "text->image R@5" in r.output and "delta" in r.output
+    results = json.loads(Path("artifacts/final_evaluation_results.json").read_text())
+    assert results["split"] == "test" and results["n_captions"] == 5 * results["n_images"]
+    assert results["probe"]["checkpoint"] == "checkpoints/linearprobe_best.pt"
+    assert results["cache"]["pretrained"] == "none"
+
+
+def test_demo_runs_end_to_end(run):
+    r = run("demo", "--images", 30, "--workers", 0)
+    assert r.exit_code == 0, r.output
+    assert "baseline" in r.output and "probe" in r.output
+    assert Path("artifacts/final_evaluation_results.json").is_file()
+    assert len(pd.read_csv("data/demo/annotations.csv")) == 150
+
+
+def test_errors_are_one_line_and_nonzero(run, tmp_path):
+    (tmp_path / "bad.csv").write_text("picture,text\na.jpg,hello\n")
+    r = run("splits", "--annotations", tmp_path / "bad.csv", "--out", tmp_path / "o.csv")
+    assert r.exit_code == 1
+    assert r.output.startswith("Error: ") and r.output.count("\n") == 1
+    assert "picture" in r.output and "accepted" in r.output
+    r = run("eval", "--cache", make_synthetic_cache(tmp_path / "c.h5"), "--checkpoint", tmp_path / "none.pt")
+    assert r.exit_code == 1 and "checkpoint not found" in r.output
+
+
+def test_probe_and_eval_never_load_open_clip(tmp_path):
+    path = make_synthetic_cache(tmp_path / "c.h5")
+    code = ("import sys, cli\n"
+            f"cli.cli(['probe', '--cache', r'{path}', '--epochs', '1', '--out', r'{tmp_path / 'x.pt'}',"
+            f" '--history', r'{tmp_path / 'h.json'}'], standalone_mode=False)\n"
+            f"cli.cli(['eval', '--cache', r'{path}', '--checkpoint', r'{tmp_path / 'x.pt'}',"
+            f" '--out', r'{tmp_path / 'r.json'}'], standalone_mode=False)\n"
+            "print('LOADED' if 'open_clip' in sys.modules or 'extract' in sys.modules else 'CLEAN')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("CLEAN")
