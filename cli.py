@@ -131,6 +131,7 @@ def extract_cmd(annotations, images, cache_path, fmt, model, pretrained, precisi
 
 def _echo_extract_summary(s) -> None:
     failed = sum(s.images_failed.values())
+    click.echo(f"model: {s.model}")
     click.echo(f"cache: {s.cache}")
     click.echo(f"images: {s.images_done} done, {failed} failed"
                + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(s.images_failed.items())) + ")" if failed else ""))

@@ -341,8 +341,9 @@ def _open_or_create(settings: ExtractSettings, attrs: dict, create_args: dict, n
     return cache_mod.Writer(path)
 
 
-def extract(settings: ExtractSettings, log=sys.stderr) -> ExtractSummary:
+def extract(settings: ExtractSettings, log=None) -> ExtractSummary:
     """Read annotations, run both trunks over everything not yet done, seal the cache."""
+    log = log or sys.stderr
     t0 = time.perf_counter()
     if settings.precision not in PRECISIONS:
         raise ExtractError(f"unknown precision {settings.precision!r}; choose fp32 or bf16")

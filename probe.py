@@ -113,8 +113,9 @@ def _val_loss(heads: Heads, view: cache_mod.SplitView, batch_size: int) -> float
 
 
 def train(c: cache_mod.Cache, settings: ProbeSettings, out: Path, history_path: Path | None = None,
-          log=sys.stderr) -> dict:
+          log=None) -> dict:
     """Train from the cached pretrained heads; keep the heads with the best validation recall."""
+    log = log or sys.stderr
     settings.check()
     torch.manual_seed(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
