@@ -191,10 +191,10 @@ def clean_captions(df: pd.DataFrame) -> tuple[pd.DataFrame, CaptionReport]:
     dup = df.duplicated(subset=["image", "caption"], keep="first")
     report.drop("duplicate", int(dup.sum()))
     df = df[~dup].reset_index(drop=True)
-    report.non_ascii = int((~df["caption"].map(str.isascii)).sum())
-    report.kept = len(df)
     if df.empty:
         raise DataError("no usable captions left after cleaning: " + _fmt_counts(report.dropped))
+    report.non_ascii = int(sum(not c.isascii() for c in df["caption"]))
+    report.kept = len(df)
     return df, report
 
 
@@ -310,7 +310,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     except Image.UnidentifiedImageError:
         raise ImageLoadError("not_an_image", f"{path} is not an image PIL can read") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        reason = "truncated" if "truncated" in str(exc) else "unreadable"
+        # The header parsed but the pixels did not: a cut-off download or a damaged file.
+        reason = "truncated" if "truncat" in str(exc).lower() else "corrupt"
         raise ImageLoadError(reason, f"{path}: {exc}") from None
 
 
