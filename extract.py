@@ -342,8 +342,15 @@ def _open_or_create(settings: ExtractSettings, attrs: dict, create_args: dict, n
 
 
 def extract(settings: ExtractSettings, log=None) -> ExtractSummary:
-    """Read annotations, run both trunks over everything not yet done, seal the cache."""
-    log = log or sys.stderr
+    """Read annotations, run both trunks over everything not yet done, seal the cache.
+
+    The cache is locked for the whole run, so a second extract on it fails at once.
+    """
+    with cache_mod.locked(settings.cache):
+        return _extract_locked(settings, log or sys.stderr)
+
+
+def _extract_locked(settings: ExtractSettings, log) -> ExtractSummary:
     t0 = time.perf_counter()
     if settings.precision not in PRECISIONS:
         raise ExtractError(f"unknown precision {settings.precision!r}; choose fp32 or bf16")
@@ -355,6 +362,9 @@ def extract(settings: ExtractSettings, log=None) -> ExtractSummary:
         raise ExtractError("--device cuda was asked for, but torch sees no CUDA device")
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    if settings.precision == "bf16" and device.type == "cpu" and "AVX512" not in torch.backends.cpu.get_cpu_capability():
+        print(f"warning: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bfloat16 matrix "
+              "instructions; bf16 will be slower than fp32 here (see `make bench`)", file=log)
     loaded = load_model(settings.model, settings.pretrained, settings.seed)
     print(f"model: {loaded.description}", file=log)
     heads = take_heads(loaded.model)
@@ -371,22 +381,21 @@ def extract(settings: ExtractSettings, log=None) -> ExtractSummary:
         summary.notes.append(f"recovered Kaggle rows with a missing separator at line(s) {report.recovered_lines}")
     create_args = dict(image_names=names, image_splits=splits, captions=df["caption"].to_numpy(dtype=object),
                        caption_image_index=image_index, heads=heads)
-    with cache_mod.locked(settings.cache):
-        writer = _open_or_create(settings, attrs, create_args, summary.notes, log)
-        if writer is not None:
-            try:
-                summary.resumed = bool(summary.notes and "resumed" in summary.notes[-1])
-                img_status, txt_status = writer.image_status(), writer.text_status()
-                todo_img = [(s, e) for s, e in batches(len(names), settings.batch_size)
-                            if (img_status[s:e] == cache_mod.PENDING).any()]
-                window = settings.text_batch_size * 8
-                todo_txt = [(s, e) for s, e in batches(len(df), window) if (txt_status[s:e] != cache_mod.DONE).any()]
-                run_images(model, loaded.preprocess, writer, names, settings, todo_img, device, log)
-                summary.captions_truncated = run_texts(model, loaded.tokenizer, writer,
-                                                       create_args["captions"], settings, todo_txt, device, log)
-                writer.finish()
-            finally:
-                writer.close()
+    writer = _open_or_create(settings, attrs, create_args, summary.notes, log)
+    if writer is not None:
+        try:
+            summary.resumed = bool(summary.notes and "resumed" in summary.notes[-1])
+            img_status, txt_status = writer.image_status(), writer.text_status()
+            todo_img = [(s, e) for s, e in batches(len(names), settings.batch_size)
+                        if (img_status[s:e] == cache_mod.PENDING).any()]
+            window = settings.text_batch_size * 8
+            todo_txt = [(s, e) for s, e in batches(len(df), window) if (txt_status[s:e] != cache_mod.DONE).any()]
+            run_images(model, loaded.preprocess, writer, names, settings, todo_img, device, log)
+            summary.captions_truncated = run_texts(model, loaded.tokenizer, writer,
+                                                   create_args["captions"], settings, todo_txt, device, log)
+            writer.finish()
+        finally:
+            writer.close()
     _summarise(summary, settings.cache)
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -1,0 +1,69 @@
+"""A run killed at any moment resumes and ends with the same cache an uninterrupted run makes."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+import cache
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def extract_cmd(annotations, images, path):
+    return [sys.executable, str(ROOT / "cli.py"), "extract", "--annotations", str(annotations), "--images",
+            str(images), "--cache", str(path), "--pretrained", "none", "--batch-size", "4", "--workers", "1"]
+
+
+def arrays(path):
+    with h5py.File(path, "r") as f:
+        return {k: f[k][()] for k in ("images/features", "images/status", "texts/features", "texts/status",
+                                      "heads/visual_proj")}, dict(f.attrs)
+
+
+def test_sigkill_at_random_points_then_resume(shapes, tmp_path):
+    annotations, images = shapes
+    ref = tmp_path / "ref.h5"
+    subprocess.run(extract_cmd(annotations, images, ref), check=True, capture_output=True, timeout=300)
+    path = tmp_path / "killed.h5"
+    rng = random.Random(0)
+    kills = 0
+    for delay in (rng.uniform(4, 7), rng.uniform(7, 10), rng.uniform(1, 3)):
+        proc = subprocess.Popen(extract_cmd(annotations, images, path), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(delay)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole group: the decoding worker dies too
+            kills += 1
+        proc.wait()
+    assert kills >= 2
+    done = subprocess.run(extract_cmd(annotations, images, path), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (a, attrs_a), (b, attrs_b) = arrays(ref), arrays(path)
+    for key in a:
+        assert np.array_equal(a[key], b[key], equal_nan=True), key
+    assert attrs_a["fingerprint"] == attrs_b["fingerprint"] and attrs_b["complete"]
+
+
+def test_unreadable_partial_file_is_started_afresh(shapes, tmp_path):
+    annotations, images = shapes
+    path = tmp_path / "broken.h5"
+    path.write_bytes(b"\x89HDF\r\n\x1a\n" + os.urandom(4096))  # an HDF5 signature and garbage
+    out = subprocess.run(extract_cmd(annotations, images, path), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "starting it afresh" in out.stderr + out.stdout
+    assert cache.load(path).image_ok.all()
+
+
+def test_second_extract_on_a_cache_in_use_fails_clearly(shapes, tmp_path):
+    annotations, images = shapes
+    path = tmp_path / "busy.h5"
+    with cache.locked(path):
+        out = subprocess.run(extract_cmd(annotations, images, path), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    assert "in use by another extract" in out.stderr
