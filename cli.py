@@ -146,6 +146,22 @@ def _echo_extract_summary(s) -> None:
 
 # ---------------------------------------------------------------- probe
 
+class Values(click.ParamType):
+    """One value or a comma list (``1e-4,3e-4``): a list makes probe run the grid."""
+    name = "value[,value...]"
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            return [self.kind(v) for v in str(value).split(",") if v.strip()]
+        except ValueError:
+            self.fail(f"{value!r} is not a {self.kind.__name__} or a comma list of them", param, ctx)
+
+
 @cli.command("probe")
 @click.option("--cache", "cache_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=DEFAULT_CACHE, show_default=True)
@@ -154,11 +170,12 @@ def _echo_extract_summary(s) -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_CHECKPOINT, show_default=True)
 @click.option("--history", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_HISTORY,
               show_default=True)
-@click.option("--lr", type=float, default=None, help="AdamW learning rate")
-@click.option("--weight-decay", type=float, default=None, help="AdamW decay toward zero")
-@click.option("--reg-to-init", type=float, default=None, help="L2 penalty on the distance from the pretrained heads")
+@click.option("--lr", type=Values(float), default=None, help="AdamW learning rate")
+@click.option("--weight-decay", type=Values(float), default=None, help="AdamW decay toward zero")
+@click.option("--reg-to-init", type=Values(float), default=None,
+              help="L2 penalty on the distance from the pretrained heads")
 @click.option("--train-logit-scale/--freeze-logit-scale", default=None, help="learn the temperature or keep it")
-@click.option("--batch-size", type=click.IntRange(min=2), default=None)
+@click.option("--batch-size", type=Values(int), default=None)
 @click.option("--epochs", type=click.IntRange(min=1), default=None)
 @click.option("--patience", type=click.IntRange(min=0), default=None)
 @click.option("--seed", type=int, default=None)
@@ -166,14 +183,30 @@ def _echo_extract_summary(s) -> None:
 def probe_cmd(cache_path, annotations, out, history, **options):
     """Train the two projection heads on the cached features, keeping the best on validation.
 
-    Example: python cli.py probe --cache cache/flickr30k.h5 --lr 1e-3 --epochs 30
+    Comma lists (--lr 1e-4,3e-4,1e-3 --weight-decay 0,0.01) run the whole grid, choose by
+    validation recall only, keep the best checkpoint and record every run in --history.
+
+    Example: python cli.py probe --cache cache/flickr30k.h5 --lr 1e-3,3e-3 --reg-to-init 0,1e-3
     """
+    import itertools
+
     import probe
-    settings = probe.ProbeSettings(**{k: v for k, v in options.items() if v is not None})
+    fixed = {k: v for k, v in options.items() if v is not None and not isinstance(v, list)}
+    lists = {k: v for k, v in options.items() if isinstance(v, list)}
+    grid = [probe.ProbeSettings(**fixed, **dict(zip(lists, combo))) for combo in itertools.product(*lists.values())]
     c = _load_cache(cache_path, annotations)
-    result = probe.train(c, settings, out, history, log=sys.stdout)
-    click.echo(f"best epoch {result['best_epoch']}: val mean recall {result['val_mean_recall']:.2f}; "
-               f"saved {out}; history {history}")
+    if len(grid) == 1:
+        result = probe.train(c, grid[0], out, history, log=sys.stdout)
+        click.echo(f"best epoch {result['best_epoch']}: val mean recall {result['val_mean_recall']:.2f}; "
+                   f"saved {out}; history {history}")
+        return
+    summary = probe.sweep(c, grid, out, history, log=sys.stdout)
+    click.echo(f"\n{'run':>4}  " + "  ".join(f"{k:>14}" for k in lists) + "  best epoch  val mean recall")
+    for i, run in enumerate(summary["runs"]):
+        mark = "  <- kept" if i == summary["best_run"] else ""
+        click.echo(f"{i:>4}  " + "  ".join(f"{run['settings'][k]:>14}" for k in lists)
+                   + f"  {run['best_epoch']:>10}  {run['val_mean_recall']:>15.2f}{mark}")
+    click.echo(f"chosen by validation recall; saved {out}; every run in {history}")
 
 
 def _load_cache(cache_path: Path, annotations: Path | None) -> cache_mod.Cache:
@@ -210,8 +243,8 @@ def eval_cmd(cache_path, split, annotations, checkpoint, baseline_only, out):
     click.echo(f"wrote {out}")
 
 
-def format_results(r: dict) -> str:
-    cols = [("baseline", r["baseline"])] + ([("probe", r["probe"])] if "probe" in r else [])
+def format_results(r: dict, names=("baseline", "probe")) -> str:
+    cols = [(names[0], r["baseline"])] + ([(names[1], r["probe"])] if "probe" in r else [])
     head = f"{r['split']}: {r['n_images']} images, {r['n_captions']} captions"
     lines = [head, f"{'':18}" + "".join(f"{name:>10}" for name, _ in cols) + ("     delta" if len(cols) > 1 else "")]
     for d, label in (("text_to_image", "text->image"), ("image_to_text", "image->text")):
@@ -222,6 +255,47 @@ def format_results(r: dict) -> str:
                 row += f"{vals[1] - vals[0]:+10.2f}"
             lines.append(row)
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- compare / export
+
+@cli.command("compare")
+@click.option("--cache", "cache_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=DEFAULT_CACHE, show_default=True)
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--a", "a", default="baseline", show_default=True, help="'baseline' or a checkpoint")
+@click.option("--b", "b", required=True, help="'baseline' or a checkpoint")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("artifacts/comparison_results.json"), show_default=True)
+@friendly_errors
+def compare_cmd(cache_path, split, a, b, out):
+    """Two sets of heads side by side on one split, with the difference in points.
+
+    Example: python cli.py compare --cache cache/flickr30k.h5 --a baseline --b checkpoints/linearprobe_best.pt
+    """
+    import probe
+    result = probe.compare(cache_mod.load(cache_path), split, a, b)
+    probe.write_json_atomic(out, result)
+    click.echo(format_results({"split": split, "n_images": result["n_images"], "n_captions": result["n_captions"],
+                               "baseline": result["a"], "probe": result["b"]}, names=("a", "b")))
+    click.echo(f"a = {a}\nb = {b}\nwrote {out}")
+
+
+@cli.command("export")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=DEFAULT_CHECKPOINT, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@friendly_errors
+def export_cmd(checkpoint, out):
+    """Write an open_clip checkpoint: the original weights with the probed heads in place.
+
+    Example: python cli.py export --checkpoint checkpoints/linearprobe_best.pt --out clip_probed.pt
+    """
+    import extract
+    import probe
+    _, ckpt = probe.load_checkpoint(checkpoint)
+    arch = extract.export(ckpt, out)
+    click.echo(f"wrote {out}; load it with open_clip.create_model_and_transforms({arch!r}, pretrained={str(out)!r})")
 
 
 # ---------------------------------------------------------------- demo

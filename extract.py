@@ -408,3 +408,32 @@ def _summarise(summary: ExtractSummary, path: Path) -> None:
     failed = np.flatnonzero(status == cache_mod.FAILED)
     summary.failures = [(names[i], errors[i]) for i in failed]
     summary.images_failed = dict(Counter(errors[i].split(":")[0] for i in failed))
+
+
+# ---------------------------------------------------------------- export
+
+def export(checkpoint: dict, out: Path) -> str:
+    """Write an open_clip checkpoint: the original weights with the probed heads put back.
+
+    ``checkpoint`` is a probe checkpoint (as loaded by probe.load_checkpoint); the
+    original model is rebuilt from what it records of its cache. Returns the open_clip
+    model name that loads the file (``create_model_and_transforms(name, pretrained=out)``).
+    """
+    info = checkpoint["cache"]
+    pretrained = info["pretrained"]
+    pretrained = pretrained[5:] if pretrained.startswith("file:") else pretrained
+    seed = int(info.get("seed") or 0)
+    loaded = load_model(info["model"], pretrained, seed=max(seed, 0))
+    if loaded.arch != info["model"]:
+        raise ExtractError(f"rebuilt {loaded.arch}, but the checkpoint's cache used {info['model']}")
+    model = loaded.model
+    with torch.no_grad():
+        model.visual.proj.copy_(checkpoint["visual_proj"])
+        model.text_projection.copy_(checkpoint["text_projection"])
+        model.logit_scale.copy_(checkpoint["logit_scale"].reshape(model.logit_scale.shape))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save({k: v.float() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, out)
+    return loaded.arch

@@ -243,3 +243,41 @@ def evaluate(c: cache_mod.Cache, split: str, checkpoint: Path | None) -> dict:
     result["cache"] = {"path": str(c.path), "fingerprint": c.fingerprint,
                        **{k: c.attrs.get(k) for k in ("model", "pretrained", "precision")}}
     return result
+
+
+def compare(c: cache_mod.Cache, split: str, a: str, b: str) -> dict:
+    """Two sets of heads on one split; ``a`` or ``b`` may be 'baseline' (the cached pretrained heads)."""
+    view = c.split(split)
+
+    def heads_of(which: str) -> Heads:
+        return Heads.from_cache(c) if which == "baseline" else load_checkpoint(Path(which), c)[0]
+    ma, mb = evaluate_heads(heads_of(a), view), evaluate_heads(heads_of(b), view)
+    return {"split": split, "n_images": view.n_images, "n_captions": view.n_captions,
+            "a": {**ma, "source": a}, "b": {**mb, "source": b}, "delta_pp": metrics.delta_pp(ma, mb),
+            "cache": {"path": str(c.path), "fingerprint": c.fingerprint}}
+
+
+def sweep(c: cache_mod.Cache, grid: list[ProbeSettings], out: Path, history_path: Path | None,
+          log=None) -> dict:
+    """Train every setting; choose by validation recall only (never test); keep the winner's checkpoint."""
+    log = log or sys.stderr
+    runs, best = [], None  # best: (run index, result, its checkpoint file)
+    for i, settings in enumerate(grid):
+        print(f"run {i + 1}/{len(grid)}: " + ", ".join(f"{k}={v}" for k, v in asdict(settings).items()), file=log)
+        candidate = Path(out).with_name(f"{Path(out).stem}.run{i}{Path(out).suffix}")
+        result = train(c, settings, candidate, None, log=log)
+        runs.append({"settings": asdict(settings), "best_epoch": result["best_epoch"],
+                     "val_mean_recall": result["val_mean_recall"], "val": result["val"],
+                     "history": result["history"]})
+        if best is None or result["val_mean_recall"] > best[1]["val_mean_recall"]:
+            if best is not None:
+                best[2].unlink(missing_ok=True)
+            best = (i, result, candidate)
+        else:
+            candidate.unlink(missing_ok=True)
+    os.replace(best[2], out)
+    summary = {"cache_fingerprint": c.fingerprint, "chosen_by": "val_mean_recall", "best_run": best[0],
+               "runs": runs}
+    if history_path is not None:
+        write_json_atomic(history_path, summary)
+    return summary
