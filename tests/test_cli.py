@@ -93,3 +93,14 @@ def test_probe_and_eval_never_load_open_clip(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("CLEAN")
+
+
+def test_probe_and_eval_take_splits_from_other_annotations(run, tmp_path):
+    path = make_synthetic_cache(tmp_path / "c.h5", n_images=60)
+    names = [f"img{i:04d}.jpg" for i in range(60)]
+    split = ["train"] * 30 + ["val"] * 10 + ["test"] * 20  # the cache itself has 9 test images
+    pd.DataFrame({"image": names, "caption": ["x"] * 60, "split": split}).to_csv(tmp_path / "s.csv", index=False)
+    assert run("probe", "--cache", path, "--annotations", tmp_path / "s.csv", "--epochs", 2).exit_code == 0
+    r = run("eval", "--cache", path, "--annotations", tmp_path / "s.csv", "--split", "test")
+    assert r.exit_code == 0, r.output
+    assert json.loads(Path("artifacts/final_evaluation_results.json").read_text())["n_images"] == 20
