@@ -71,23 +71,21 @@ def main() -> None:
     extract.take_heads(model)
     rows = []
 
-    # Text: bucketed pre-projection vs encode_text on the full 77-token context.
-    caps = flickr_like_captions(512)
+    # Text: bucketed pre-projection (one extraction window) vs encode_text on the full 77-token context.
+    settings = extract.ExtractSettings(annotations=Path("."), images=Path("."), cache=Path("."))
+    caps = flickr_like_captions(settings.text_window)
     tokens = loaded.tokenizer(caps)
-    order = torch.argsort(tokens.argmax(-1), stable=True)
-
-    def bucketed():
-        for s in range(0, len(order), 256):
-            extract.text_features(model, tokens[order[s:s + 256]])
+    t_b = best_of(lambda: extract.encode_window(model, tokens, settings.text_batch_size, "cpu"), 1)
+    sample = tokens[:256]  # the reference is slow; its rate does not depend on the captions
 
     def full():
         with torch.no_grad():
-            for s in range(0, len(tokens), 256):
-                ref.encode_text(tokens[s:s + 256])
-    t_b, t_f = best_of(bucketed, 1), best_of(full, 1)
+            for s in range(0, len(sample), settings.text_batch_size):
+                ref.encode_text(sample[s:s + settings.text_batch_size])
+    t_f = best_of(full, 1) * len(tokens) / len(sample)
     cap_rate = len(caps) / t_b
-    rows.append(("text: bucketed vs encode_text@77", f"{cap_rate:.0f} vs {len(caps) / t_f:.0f} cap/s",
-                 f"{t_f / t_b:.2f}x", ">= 6x"))
+    rows.append(("text: bucketed vs encode_text@77", f"{cap_rate:.0f} vs {len(caps) / t_f:.0f} cap/s "
+                 f"(batch {settings.text_batch_size}, window {settings.text_window})", f"{t_f / t_b:.2f}x", ">= 6x"))
 
     # Image, fp32: images/s against the machine's measured GEMM rate, counted in model FLOPs.
     gflops = gemm_gflops()

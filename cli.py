@@ -11,6 +11,7 @@ library errors into one clear line and a non-zero exit.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -103,16 +104,20 @@ def _echo_caption_report(report: data.CaptionReport) -> None:
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--text-batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="captions per trunk call (similar lengths batched together)")
 @click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True,
               help="image-decoding processes")
 @click.option("--seed", type=int, default=0, show_default=True, help="random-init seed for --pretrained none")
 @click.option("--strict", is_flag=True, help="exit non-zero, listing them, if any image failed")
 @friendly_errors
 def extract_cmd(annotations, images, cache_path, fmt, model, pretrained, precision, device, batch_size,
-                workers, seed, strict):
+                text_batch_size, workers, seed, strict):
     """Run the frozen trunks once and write pre-projection features to an HDF5 cache.
 
-    Killed or interrupted, the same command resumes where it stopped.
+    Killed or interrupted, the same command resumes where it stopped. Under
+    `torchrun --nproc-per-node N cli.py extract ...` the work is split across the
+    processes (gloo on CPU, NCCL on GPUs) and rank 0 writes the one cache.
 
     Example: python cli.py extract --annotations data/flickr30k_annotations_with_splits.csv
     --images data/flickr30k_images --cache cache/flickr30k.h5
@@ -120,8 +125,11 @@ def extract_cmd(annotations, images, cache_path, fmt, model, pretrained, precisi
     import extract
     settings = extract.ExtractSettings(annotations=annotations, images=images, cache=cache_path, model=model,
                                        pretrained=pretrained, precision=precision, device=device,
-                                       batch_size=batch_size, workers=workers, seed=seed, fmt=fmt, strict=strict)
+                                       batch_size=batch_size, text_batch_size=text_batch_size, workers=workers,
+                                       seed=seed, fmt=fmt, strict=strict)
     summary = extract.extract(settings)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports for everyone
     _echo_extract_summary(summary)
     if strict and summary.failures:
         listing = "; ".join(f"{n} ({e})" for n, e in summary.failures[:20])

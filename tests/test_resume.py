@@ -67,3 +67,20 @@ def test_second_extract_on_a_cache_in_use_fails_clearly(shapes, tmp_path):
         out = subprocess.run(extract_cmd(annotations, images, path), capture_output=True, text=True, timeout=300)
     assert out.returncode == 1
     assert "in use by another extract" in out.stderr
+
+
+def test_two_process_torchrun_makes_the_same_cache(extracted, tmp_path):
+    """gloo on CPU: rank 0 writes, both ranks compute; the file equals the single-process one."""
+    path = tmp_path / "two.h5"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", "29533", str(ROOT / "cli.py"), "extract",
+           "--annotations", str(extracted.annotations), "--images", str(extracted.images), "--cache", str(path),
+           "--pretrained", "none", "--batch-size", str(extracted.batch_size), "--text-batch-size",
+           str(extracted.text_batch_size), "--workers", "0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("images: 24 done") == 1  # one report, from rank 0
+    (a, attrs_a), (b, attrs_b) = arrays(extracted.cache), arrays(path)
+    for key in a:
+        assert np.array_equal(a[key], b[key], equal_nan=True), key
+    assert attrs_a["fingerprint"] == attrs_b["fingerprint"]
