@@ -449,6 +449,10 @@ def _extract(settings: ExtractSettings, team: Team, log) -> ExtractSummary:
     print(f"model: {loaded.description}" + (f" on {team.world} processes" if team.world > 1 else ""), file=log)
     heads = take_heads(loaded.model)
     model = loaded.model.to(device=team.device, dtype=PRECISIONS[settings.precision])
+    if team.device.type == "cuda" and settings.precision == "fp32":
+        # cuDNN convolutions default to TF32 (10-bit mantissa); fp32 must stay exact.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     summary = ExtractSummary(cache=settings.cache, model=loaded.description, captions_dropped=dict(report.dropped))
     if report.recovered_lines:
         summary.notes.append(f"recovered Kaggle rows with a missing separator at line(s) {report.recovered_lines}")
