@@ -1,4 +1,4 @@
-# `make demo` sets everything up (.venv from requirements.txt) and runs the offline demo.
+# `make demo` sets everything up (.venv from requirements-dev.txt) and runs the offline demo.
 # `make test` runs the test suite; .ci/run runs exactly that.
 PYTHON ?= python3
 VENV := .venv
@@ -8,9 +8,9 @@ PY := $(VENV)/bin/python
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
 demo: setup

@@ -199,6 +199,7 @@ def probe_cmd(cache_path, annotations, out, history, **options):
     import itertools
 
     import probe
+    import report
     fixed = {k: v for k, v in options.items() if v is not None and not isinstance(v, list)}
     lists = {k: v for k, v in options.items() if isinstance(v, list)}
     grid = [probe.ProbeSettings(**fixed, **dict(zip(lists, combo))) for combo in itertools.product(*lists.values())]
@@ -207,6 +208,7 @@ def probe_cmd(cache_path, annotations, out, history, **options):
         result = probe.train(c, grid[0], out, history, log=sys.stdout)
         click.echo(f"best epoch {result['best_epoch']}: val mean recall {result['val_mean_recall']:.2f}; "
                    f"saved {out}; history {history}")
+        click.echo(report.plot_history(result["history"], history.with_suffix(".png")))
         return
     summary = probe.sweep(c, grid, out, history, log=sys.stdout)
     click.echo(f"\n{'run':>4}  " + "  ".join(f"{k:>14}" for k in lists) + "  best epoch  val mean recall")
@@ -215,6 +217,7 @@ def probe_cmd(cache_path, annotations, out, history, **options):
         click.echo(f"{i:>4}  " + "  ".join(f"{run['settings'][k]:>14}" for k in lists)
                    + f"  {run['best_epoch']:>10}  {run['val_mean_recall']:>15.2f}{mark}")
     click.echo(f"chosen by validation recall; saved {out}; every run in {history}")
+    click.echo(report.plot_history(summary["runs"][summary["best_run"]]["history"], history.with_suffix(".png")))
 
 
 def _load_cache(cache_path: Path, annotations: Path | None) -> cache_mod.Cache:
@@ -244,11 +247,13 @@ def eval_cmd(cache_path, split, annotations, checkpoint, baseline_only, out):
     Example: python cli.py eval --cache cache/flickr30k.h5 --split test
     """
     import probe
+    import report
     c = _load_cache(cache_path, annotations)
     result = probe.evaluate(c, split, None if baseline_only else checkpoint)
     probe.write_json_atomic(out, result)
     click.echo(format_results(result))
     click.echo(f"wrote {out}")
+    click.echo(report.plot_recalls(result, out.with_suffix(".png")))
 
 
 def format_results(r: dict, names=("baseline", "probe")) -> str:
@@ -306,6 +311,40 @@ def export_cmd(checkpoint, out):
     click.echo(f"wrote {out}; load it with open_clip.create_model_and_transforms({arch!r}, pretrained={str(out)!r})")
 
 
+# ---------------------------------------------------------------- search
+
+@cli.command("search")
+@click.argument("query")
+@click.option("--cache", "cache_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=DEFAULT_CACHE, show_default=True)
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="probed heads (default: the cached pretrained heads)")
+@click.option("--k", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--split", type=click.Choice(["all", "train", "val", "test"]), default="all", show_default=True)
+@click.option("--images", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="image root for thumbnails (default: the one recorded in the cache)")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="write a self-contained page with thumbnails, scores and captions")
+@friendly_errors
+def search_cmd(query, cache_path, checkpoint, k, split, images, html_path):
+    """Rank the cached images for a text query (the query goes through the same text trunk).
+
+    Example: python cli.py search --cache cache/flickr30k.h5 "a dog running on a beach" --k 10 --html dog.html
+    """
+    import extract
+    import probe
+    import report
+    c = cache_mod.load(cache_path)
+    heads = probe.load_checkpoint(checkpoint, c)[0] if checkpoint else probe.Heads.from_cache(c)
+    hits = probe.search(c, heads, extract.encode_queries(c.attrs, [query])[0], k, split)
+    for h in hits:
+        click.echo(f"{h['rank']:>3}  {h['score']:.4f}  {h['image']}  {h['captions'][0] if h['captions'] else ''}")
+    if html_path:
+        root = images or Path(c.attrs["image_root"])
+        report.write_text_atomic(html_path, report.search_page(query, hits, root, str(checkpoint or "pretrained")))
+        click.echo(f"wrote {html_path}")
+
+
 # ---------------------------------------------------------------- demo
 
 @cli.command()
@@ -324,6 +363,7 @@ def demo(root, n_images, seed, workers):
     """
     import extract
     import probe
+    import report
     annotations = data.make_demo_dataset(root, n_images=n_images, seed=seed)
     click.echo(f"demo dataset: {n_images} images, 5 captions each, in {root}")
     cache_path = Path("cache") / f"demo_{n_images}_ViT-B-32_none_fp32.h5"
@@ -334,10 +374,12 @@ def demo(root, n_images, seed, workers):
     c = cache_mod.load(cache_path)
     trained = probe.train(c, probe.ProbeSettings(seed=seed), DEFAULT_CHECKPOINT, DEFAULT_HISTORY, log=sys.stdout)
     click.echo(f"best epoch {trained['best_epoch']}, saved {DEFAULT_CHECKPOINT}")
+    click.echo(report.plot_history(trained["history"], DEFAULT_HISTORY.with_suffix(".png")))
     result = probe.evaluate(c, "test", DEFAULT_CHECKPOINT)
     probe.write_json_atomic(DEFAULT_RESULTS, result)
     click.echo(format_results(result))
     click.echo(f"wrote {DEFAULT_RESULTS}")
+    click.echo(report.plot_recalls(result, DEFAULT_RESULTS.with_suffix(".png")))
 
 
 if __name__ == "__main__":

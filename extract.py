@@ -513,6 +513,24 @@ def _summarise(summary: ExtractSummary, path: Path) -> None:
 
 # ---------------------------------------------------------------- export
 
+def load_like_cache(info: dict) -> LoadedModel:
+    """Rebuild the model a cache was made with, from its recorded model, pretrained and seed."""
+    pretrained = str(info["pretrained"])
+    pretrained = pretrained[5:] if pretrained.startswith("file:") else pretrained
+    loaded = load_model(str(info["model"]), pretrained, seed=max(int(info.get("seed") or 0), 0))
+    if loaded.arch != info["model"]:
+        raise ExtractError(f"rebuilt {loaded.arch}, but the cache was made with {info['model']}")
+    return loaded
+
+
+def encode_queries(info: dict, queries: list[str]) -> np.ndarray:
+    """Pre-projection features of free-text queries, from the same trunk and precision as the cache."""
+    loaded = load_like_cache(info)
+    take_heads(loaded.model)
+    model = loaded.model.to(PRECISIONS[str(info.get("precision", "fp32"))])
+    return text_features(model, loaded.tokenizer(queries)).numpy()
+
+
 def export(checkpoint: dict, out: Path) -> str:
     """Write an open_clip checkpoint: the original weights with the probed heads put back.
 
@@ -520,14 +538,7 @@ def export(checkpoint: dict, out: Path) -> str:
     original model is rebuilt from what it records of its cache. Returns the open_clip
     model name that loads the file (``create_model_and_transforms(name, pretrained=out)``).
     """
-    info = checkpoint["cache"]
-    pretrained = info["pretrained"]
-    pretrained = pretrained[5:] if pretrained.startswith("file:") else pretrained
-    seed = int(info.get("seed") or 0)
-    loaded = load_model(info["model"], pretrained, seed=max(seed, 0))
-    if loaded.arch != info["model"]:
-        raise ExtractError(f"rebuilt {loaded.arch}, but the checkpoint's cache used {info['model']}")
-    model = loaded.model
+    model = load_like_cache(checkpoint["cache"]).model
     with torch.no_grad():
         model.visual.proj.copy_(checkpoint["visual_proj"])
         model.text_projection.copy_(checkpoint["text_projection"])
@@ -537,4 +548,4 @@ def export(checkpoint: dict, out: Path) -> str:
     tmp = out.with_name(out.name + ".tmp")
     torch.save({k: v.float() for k, v in model.state_dict().items()}, tmp)
     os.replace(tmp, out)
-    return loaded.arch
+    return str(checkpoint["cache"]["model"])

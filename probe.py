@@ -281,3 +281,19 @@ def sweep(c: cache_mod.Cache, grid: list[ProbeSettings], out: Path, history_path
     if history_path is not None:
         write_json_atomic(history_path, summary)
     return summary
+
+
+def search(c: cache_mod.Cache, heads: Heads, query_features: np.ndarray, k: int, split: str = "all") -> list[dict]:
+    """The ``k`` cached images closest to one query (pre-projection text features), best first."""
+    view = c.split(split)
+    with torch.no_grad():
+        img = F.normalize(torch.from_numpy(view.image_features) @ heads.visual_proj, dim=-1)
+        q = F.normalize(torch.from_numpy(query_features).reshape(1, -1) @ heads.text_projection, dim=-1)
+        scores = (q @ img.T)[0]
+        top = torch.topk(scores, min(k, len(scores)))
+    hits = []
+    for rank, (score, local) in enumerate(zip(top.values.tolist(), top.indices.tolist()), start=1):
+        row = int(view.image_rows[local])
+        hits.append({"rank": rank, "score": score, "image": str(c.image_names[row]), "split": str(c.image_split[row]),
+                     "captions": [str(x) for x in c.captions[c.text_image_index == row]]})
+    return hits
