@@ -259,11 +259,11 @@ def eval_cmd(cache_path, split, annotations, checkpoint, baseline_only, out):
 def format_results(r: dict, names=("baseline", "probe")) -> str:
     cols = [(names[0], r["baseline"])] + ([(names[1], r["probe"])] if "probe" in r else [])
     head = f"{r['split']}: {r['n_images']} images, {r['n_captions']} captions"
-    lines = [head, f"{'':18}" + "".join(f"{name:>10}" for name, _ in cols) + ("     delta" if len(cols) > 1 else "")]
+    lines = [head, f"{'':26}" + "".join(f"{name:>10}" for name, _ in cols) + ("     delta" if len(cols) > 1 else "")]
     for d, label in (("text_to_image", "text->image"), ("image_to_text", "image->text")):
         for k in ("R@1", "R@5", "R@10", "median_rank"):
             vals = [m[d][k] for _, m in cols]
-            row = f"{label + ' ' + k:18}" + "".join(f"{v:10.2f}" for v in vals)
+            row = f"{label + ' ' + k:26}" + "".join(f"{v:10.2f}" for v in vals)
             if len(cols) > 1 and k.startswith("R@"):
                 row += f"{vals[1] - vals[0]:+10.2f}"
             lines.append(row)
