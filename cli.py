@@ -101,7 +101,8 @@ def _echo_caption_report(report: data.CaptionReport) -> None:
 @click.option("--format", "fmt", type=click.Choice(["auto", *data.FORMATS]), default="auto", show_default=True)
 @click.option("--model", default="ViT-B-32", show_default=True, help="any open_clip model name")
 @click.option("--pretrained", default="openai", show_default=True, help="an open_clip tag, a local FILE, or 'none'")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="fp32 is exact; bf16 halves the weights (fast where the CPU or GPU has it); fp16 on GPUs")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--text-batch-size", type=click.IntRange(min=1), default=64, show_default=True,

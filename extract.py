@@ -28,7 +28,7 @@ from tqdm import tqdm
 import cache as cache_mod
 import data
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ExtractError(RuntimeError):
@@ -197,7 +197,7 @@ class ExtractSettings:
     cache: Path
     model: str = "ViT-B-32"
     pretrained: str = "openai"    # tag, FILE or 'none'
-    precision: str = "fp32"       # fp32 (exact) or bf16 (trunk weights in bfloat16)
+    precision: str = "fp32"       # fp32 (exact), bf16 (trunk weights in bfloat16) or fp16 (GPU only)
     device: str = "cpu"
     batch_size: int = 64          # images per trunk call
     text_batch_size: int = 64     # captions per trunk call (sorted by length inside a window)
@@ -435,7 +435,9 @@ def extract(settings: ExtractSettings, log=None) -> ExtractSummary:
 def _extract(settings: ExtractSettings, team: Team, log) -> ExtractSummary:
     t0 = time.perf_counter()
     if settings.precision not in PRECISIONS:
-        raise ExtractError(f"unknown precision {settings.precision!r}; choose fp32 or bf16")
+        raise ExtractError(f"unknown precision {settings.precision!r}; choose fp32, bf16 or fp16")
+    if settings.precision == "fp16" and team.device.type != "cuda":
+        raise ExtractError("--precision fp16 is for --device cuda; on a CPU use fp32 (exact) or bf16")
     if not settings.images.is_dir():
         raise ExtractError(f"image folder not found: {settings.images}")
     df, report, names, splits, image_index = _prepare_rows(settings, log)

@@ -164,3 +164,33 @@ def test_rows_follow_annotations(extracted):
     assert list(c.captions) == list(df["caption"])
     assert [c.image_names[i] for i in c.text_image_index] == list(df["image"])
     assert np.isfinite(c.image_features).all() and np.isfinite(c.text_features).all()
+
+
+def test_bf16_cache_agrees_with_fp32(tmp_path):
+    ann = data.make_demo_dataset(tmp_path / "d", n_images=6, seed=1, size=48)
+    caches = {}
+    for precision in ("fp32", "bf16"):
+        settings = extract.ExtractSettings(annotations=ann, images=ann.parent / "images", cache=tmp_path / f"{precision}.h5",
+                                           pretrained="none", precision=precision, workers=0)
+        extract.extract(settings, log=open("/dev/null", "w"))
+        caches[precision] = cache.load(settings.cache)
+    assert caches["bf16"].attrs["precision"] == "bf16"
+    assert caches["bf16"].fingerprint != caches["fp32"].fingerprint
+    for kind in ("image_features", "text_features"):
+        a, b = getattr(caches["bf16"], kind), getattr(caches["fp32"], kind)
+        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        assert cos.min() > 0.999, kind
+
+
+def test_gpu_only_settings_fail_clearly_without_a_gpu(shapes, tmp_path):
+    from click.testing import CliRunner
+
+    import cli
+    annotations, images = shapes
+    base = ["extract", "--annotations", str(annotations), "--images", str(images), "--cache", str(tmp_path / "c.h5"),
+            "--pretrained", "none"]
+    r = CliRunner().invoke(cli.cli, base + ["--precision", "fp16"])
+    assert r.exit_code == 1 and "fp16 is for --device cuda" in r.output
+    if not torch.cuda.is_available():
+        r = CliRunner().invoke(cli.cli, base + ["--device", "cuda"])
+        assert r.exit_code == 1 and "no CUDA device" in r.output

@@ -41,10 +41,12 @@ def main():
     cpu, t_cpu, _ = run(out, "cpu", "fp32", ann)
     gpu, t_gpu, s = run(out, "cuda", "fp32", ann)
     bf, t_bf, _ = run(out, "cuda", "bf16", ann)
+    half, _, _ = run(out, "cuda", "fp16", ann)
     print(f"extract 256 images + 1280 captions: cpu fp32 {t_cpu:.1f} s, cuda fp32 {t_gpu:.1f} s, "
           f"cuda bf16 {t_bf:.1f} s (each including model load)")
     compare(gpu, cpu, "cuda fp32 vs cpu fp32")
     compare(bf, cpu, "cuda bf16 vs cpu fp32")
+    compare(half, cpu, "cuda fp16 vs cpu fp32")
     print("fingerprints equal cpu/cuda:", cpu.fingerprint == gpu.fingerprint, "| images done:", s.images_done)
     # trunk throughput on the GPU alone (no decoding)
     lm = extract.load_model("ViT-B-32", "none")
