@@ -166,9 +166,12 @@ class Values(click.ParamType):
         if isinstance(value, list):
             return value
         try:
-            return [self.kind(v) for v in str(value).split(",") if v.strip()]
+            values = [self.kind(v) for v in str(value).split(",") if v.strip()]
         except ValueError:
+            values = []
+        if not values:
             self.fail(f"{value!r} is not a {self.kind.__name__} or a comma list of them", param, ctx)
+        return values
 
 
 @cli.command("probe")

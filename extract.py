@@ -219,7 +219,6 @@ class ExtractSummary:
     captions: int = 0
     captions_truncated: int = 0
     captions_dropped: dict = field(default_factory=dict)
-    resumed: bool = False
     seconds: float = 0.0
     notes: list = field(default_factory=list)
 
@@ -227,8 +226,8 @@ class ExtractSummary:
 class _ImageRows(Dataset):
     """Decodes and preprocesses images by row, in worker processes. A failure is returned, not raised."""
 
-    def __init__(self, root: Path, names, preprocess, size: int):
-        self.root, self.names, self.preprocess, self.size = root, list(names), preprocess, size
+    def __init__(self, root: Path, names, preprocess):
+        self.root, self.names, self.preprocess = root, list(names), preprocess
 
     def __len__(self):
         return len(self.names)
@@ -249,14 +248,6 @@ def _collate(items):
 
 def _worker_init(_):
     torch.set_num_threads(1)  # decoding workers must not compete with the trunk's threads
-
-
-def _image_size(preprocess) -> int:
-    for t in getattr(preprocess, "transforms", []):
-        if hasattr(t, "size"):
-            s = t.size
-            return s if isinstance(s, int) else s[0]
-    return 224
 
 
 def batches(n: int, size: int) -> list[tuple[int, int]]:
@@ -322,7 +313,7 @@ class Team:
 def run_images(model, preprocess, writer, names, settings: ExtractSettings, todo: list, team: Team, log):
     """Image batches are fixed row ranges, so a resumed or split run computes exactly the same batches."""
     mine, rounds = team.mine(todo)
-    ds = _ImageRows(settings.images, names, preprocess, _image_size(preprocess))
+    ds = _ImageRows(settings.images, names, preprocess)
     loader = iter(DataLoader(ds, batch_sampler=[list(range(s, e)) for s, e in mine], collate_fn=_collate,
                              num_workers=settings.workers, worker_init_fn=_worker_init if settings.workers else None,
                              prefetch_factor=4 if settings.workers else None))
@@ -482,7 +473,6 @@ def _extract(settings: ExtractSettings, team: Team, log) -> ExtractSummary:
                 writer.close()
     team.barrier()
     _summarise(summary, settings.cache)
-    summary.resumed = any(n.startswith("resumed") for n in summary.notes)
     summary.seconds = time.perf_counter() - t0
     return summary
 

@@ -150,7 +150,7 @@ def train(c: cache_mod.Cache, settings: ProbeSettings, out: Path, history_path: 
             save_checkpoint(out, heads, c, settings, entry)
         else:
             since_best += 1
-            if since_best > settings.patience:
+            if since_best >= settings.patience:
                 print(f"early stop: no better validation recall for {settings.patience} epochs", file=log)
                 break
     if history_path is not None:

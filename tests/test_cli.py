@@ -104,3 +104,10 @@ def test_probe_and_eval_take_splits_from_other_annotations(run, tmp_path):
     r = run("eval", "--cache", path, "--annotations", tmp_path / "s.csv", "--split", "test")
     assert r.exit_code == 0, r.output
     assert json.loads(Path("artifacts/final_evaluation_results.json").read_text())["n_images"] == 20
+
+
+def test_bad_option_values_are_named(run, tmp_path):
+    path = make_synthetic_cache(tmp_path / "c.h5")
+    for bad in (",", "fast", "1e-3,x"):
+        r = run("probe", "--cache", path, "--lr", bad)
+        assert r.exit_code == 2 and "--lr" in r.output and "comma list" in r.output

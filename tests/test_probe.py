@@ -96,3 +96,10 @@ def test_evaluate_shape(synthetic_cache, tmp_path):
             assert set(block[d]) == {"R@1", "R@5", "R@10", "median_rank", "mean_rank"}
     assert r["delta_pp"]["text_to_image"]["R@5"] == pytest.approx(
         r["probe"]["text_to_image"]["R@5"] - r["baseline"]["text_to_image"]["R@5"], abs=1e-3)
+
+
+def test_patience_counts_epochs_without_improvement(tmp_path):
+    c = cache.load(make_synthetic_cache(tmp_path / "c.h5"))
+    # a vanishing lr never beats epoch 0, so training stops after exactly `patience` more epochs
+    r = probe.train(c, probe.ProbeSettings(lr=1e-12, epochs=50, patience=3), tmp_path / "x.pt", log=io.StringIO())
+    assert r["best_epoch"] == 0 and len(r["history"]) == 1 + 3
