@@ -157,9 +157,13 @@ def fingerprint(f: h5py.File) -> str:
     return h.hexdigest()[:16]
 
 
+def _attrs(f: h5py.File) -> dict:
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+
+
 def read_attrs(path: str | os.PathLike) -> dict:
     with h5py.File(path, "r") as f:
-        return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+        return _attrs(f)
 
 
 def read_status(path: str | os.PathLike):
@@ -226,8 +230,8 @@ class SplitView:
         return len(self.caption_rows)
 
 
-def load(path: str | os.PathLike, splits_override=None) -> Cache:
-    """Read a complete cache. ``splits_override`` (array of split names per image) replaces stored splits."""
+def load(path: str | os.PathLike) -> Cache:
+    """Read a complete cache into memory (probe and eval need every row anyway)."""
     path = Path(path)
     if not path.is_file():
         raise CacheError(f"cache not found: {path} (run `python cli.py extract` first)")
@@ -243,7 +247,7 @@ def load(path: str | os.PathLike, splits_override=None) -> Cache:
         img, txt = f["images"], f["texts"]
         cache = Cache(
             path=path,
-            attrs={k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()},
+            attrs=_attrs(f),
             image_names=img["name"].asstr()[:].astype(object),
             image_split=img["split"].asstr()[:].astype(object),
             image_ok=img["status"][:] == DONE,
@@ -254,6 +258,4 @@ def load(path: str | os.PathLike, splits_override=None) -> Cache:
             text_features=txt["features"][:],
             heads={k: f["heads"][k][()] for k in ("visual_proj", "text_projection", "logit_scale")},
         )
-    if splits_override is not None:
-        cache.image_split = np.asarray(splits_override, dtype=object)
     return cache

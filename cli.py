@@ -148,6 +148,8 @@ def _echo_extract_summary(s) -> None:
                                             if s.captions_truncated else ""))
     if s.captions_dropped:
         click.echo("captions dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(s.captions_dropped.items())))
+    if s.captions_non_ascii:
+        click.echo(f"captions with non-ASCII text (kept): {s.captions_non_ascii}")
     for note in s.notes:
         click.echo(f"note: {note}")
     click.echo(f"time: {s.seconds:.1f} s")

@@ -219,6 +219,7 @@ class ExtractSummary:
     captions: int = 0
     captions_truncated: int = 0
     captions_dropped: dict = field(default_factory=dict)
+    captions_non_ascii: int = 0
     seconds: float = 0.0
     notes: list = field(default_factory=list)
 
@@ -446,7 +447,8 @@ def _extract(settings: ExtractSettings, team: Team, log) -> ExtractSummary:
         # cuDNN convolutions default to TF32 (10-bit mantissa); fp32 must stay exact.
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
-    summary = ExtractSummary(cache=settings.cache, model=loaded.description, captions_dropped=dict(report.dropped))
+    summary = ExtractSummary(cache=settings.cache, model=loaded.description, captions_dropped=dict(report.dropped),
+                             captions_non_ascii=report.non_ascii)
     if report.recovered_lines:
         summary.notes.append(f"recovered Kaggle rows with a missing separator at line(s) {report.recovered_lines}")
     captions = df["caption"].to_numpy(dtype=object)

@@ -27,6 +27,7 @@ def test_failures_are_recorded_and_rows_never_shift(shapes, reference_model, tmp
     (root / names[20]).write_text("<html>not an image</html>")
     df.loc[len(df)] = [names[5], LONG, df.loc[df["image"] == names[5], "split"].iloc[0]]   # > 77 tokens
     df.loc[len(df)] = [names[6], "   ", df.loc[df["image"] == names[6], "split"].iloc[0]]  # dropped
+    df.loc[len(df)] = [names[7], "Ein Hund läuft über die Wiese", df.loc[df["image"] == names[7], "split"].iloc[0]]
     ann = tmp_path / "ann.csv"
     df.to_csv(ann, index=False)
     cache_path = tmp_path / "c.h5"
@@ -38,6 +39,7 @@ def test_failures_are_recorded_and_rows_never_shift(shapes, reference_model, tmp
     summary = [line for line in result.output.splitlines() if line.startswith("images: 13 done")][0]
     assert summary.count("truncated") + summary.count("corrupt") >= 1  # the 8 cut-off JPEGs, by PIL's word
     assert "1 truncated to the context length" in result.output and "empty 1" in result.output
+    assert "captions with non-ASCII text (kept): 1" in result.output
     assert "--strict: 11 image(s) failed" in result.output and names[0] in result.output
 
     c = cache.load(cache_path)  # complete despite the failures
