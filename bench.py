@@ -18,7 +18,6 @@ import torch
 
 import cache
 import extract
-import metrics
 import probe
 from data import make_demo_dataset
 
