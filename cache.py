@@ -19,6 +19,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from atomic import replacing
+
 PENDING, DONE, FAILED = 0, 1, 2
 # Attributes that change the cache's contents: a resume or a reader that expects
 # other values is refused, naming the attribute.
@@ -55,12 +57,9 @@ def locked(path: str | os.PathLike):
 def create(path: str | os.PathLike, *, image_names, image_splits, captions, caption_image_index,
            heads: dict, attrs: dict, chunk_rows: int = 256) -> None:
     """Write an empty cache (all rows pending) to a temp file and move it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     n_img, n_cap = len(image_names), len(captions)
     img_dim, txt_dim = heads["visual_proj"].shape[0], heads["text_projection"].shape[0]
-    with h5py.File(tmp, "w") as f:
+    with replacing(path) as tmp, h5py.File(tmp, "w") as f:
         g = f.create_group("images")
         g.create_dataset("name", data=np.asarray(image_names, dtype=object), dtype=_STR)
         g.create_dataset("split", data=np.asarray(image_splits, dtype=object), dtype=_STR)
@@ -82,7 +81,6 @@ def create(path: str | os.PathLike, *, image_names, image_splits, captions, capt
         f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         f.attrs["complete"] = False
         f.attrs["fingerprint"] = ""
-    os.replace(tmp, path)
 
 
 def mismatch(stored: dict, wanted: dict) -> list[str]:

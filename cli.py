@@ -19,6 +19,7 @@ import click
 
 import cache as cache_mod
 import data
+from atomic import replacing
 
 DEFAULT_ANNOTATIONS = Path("data/flickr30k_annotations_with_splits.csv")
 DEFAULT_IMAGES = Path("data/flickr30k_images")
@@ -211,10 +212,7 @@ def probe_cmd(cache_path, annotations, out, history, **options):
     grid = [probe.ProbeSettings(**fixed, **dict(zip(lists, combo))) for combo in itertools.product(*lists.values())]
     c = _load_cache(cache_path, annotations)
     if len(grid) == 1:
-        result = probe.train(c, grid[0], out, history, log=sys.stdout)
-        click.echo(f"best epoch {result['best_epoch']}: val mean recall {result['val_mean_recall']:.2f}; "
-                   f"saved {out}; history {history}")
-        click.echo(report.plot_history(result["history"], history.with_suffix(".png")))
+        _train_and_report(c, grid[0], out, history)
         return
     summary = probe.sweep(c, grid, out, history, log=sys.stdout)
     click.echo(f"\n{'run':>4}  " + "  ".join(f"{k:>14}" for k in lists) + "  best epoch  val mean recall")
@@ -224,6 +222,15 @@ def probe_cmd(cache_path, annotations, out, history, **options):
                    + f"  {run['best_epoch']:>10}  {run['val_mean_recall']:>15.2f}{mark}")
     click.echo(f"chosen by validation recall; saved {out}; every run in {history}")
     click.echo(report.plot_history(summary["runs"][summary["best_run"]]["history"], history.with_suffix(".png")))
+
+
+def _train_and_report(c: cache_mod.Cache, settings, out: Path, history: Path) -> None:
+    import probe
+    import report
+    result = probe.train(c, settings, out, history, log=sys.stdout)
+    click.echo(f"best epoch {result['best_epoch']}: val mean recall {result['val_mean_recall']:.2f}; "
+               f"saved {out}; history {history}")
+    click.echo(report.plot_history(result["history"], history.with_suffix(".png")))
 
 
 def _load_cache(cache_path: Path, annotations: Path | None) -> cache_mod.Cache:
@@ -252,10 +259,13 @@ def eval_cmd(cache_path, split, annotations, checkpoint, baseline_only, out):
 
     Example: python cli.py eval --cache cache/flickr30k.h5 --split test
     """
+    _evaluate_and_report(_load_cache(cache_path, annotations), split, None if baseline_only else checkpoint, out)
+
+
+def _evaluate_and_report(c: cache_mod.Cache, split: str, checkpoint: Path | None, out: Path) -> None:
     import probe
     import report
-    c = _load_cache(cache_path, annotations)
-    result = probe.evaluate(c, split, None if baseline_only else checkpoint)
+    result = probe.evaluate(c, split, checkpoint)
     probe.write_json_atomic(out, result)
     click.echo(format_results(result))
     click.echo(f"wrote {out}")
@@ -347,7 +357,8 @@ def search_cmd(query, cache_path, checkpoint, k, split, images, html_path):
         click.echo(f"{h['rank']:>3}  {h['score']:.4f}  {h['image']}  {h['captions'][0] if h['captions'] else ''}")
     if html_path:
         root = images or Path(c.attrs["image_root"])
-        report.write_text_atomic(html_path, report.search_page(query, hits, root, str(checkpoint or "pretrained")))
+        with replacing(html_path) as tmp:
+            tmp.write_text(report.search_page(query, hits, root, str(checkpoint or "pretrained")), encoding="utf-8")
         click.echo(f"wrote {html_path}")
 
 
@@ -369,7 +380,6 @@ def demo(root, n_images, seed, workers):
     """
     import extract
     import probe
-    import report
     annotations = data.make_demo_dataset(root, n_images=n_images, seed=seed)
     click.echo(f"demo dataset: {n_images} images, 5 captions each, in {root}")
     cache_path = Path("cache") / f"demo_{n_images}_ViT-B-32_none_fp32.h5"
@@ -378,14 +388,8 @@ def demo(root, n_images, seed, workers):
         workers=workers))
     _echo_extract_summary(summary)
     c = cache_mod.load(cache_path)
-    trained = probe.train(c, probe.ProbeSettings(seed=seed), DEFAULT_CHECKPOINT, DEFAULT_HISTORY, log=sys.stdout)
-    click.echo(f"best epoch {trained['best_epoch']}, saved {DEFAULT_CHECKPOINT}")
-    click.echo(report.plot_history(trained["history"], DEFAULT_HISTORY.with_suffix(".png")))
-    result = probe.evaluate(c, "test", DEFAULT_CHECKPOINT)
-    probe.write_json_atomic(DEFAULT_RESULTS, result)
-    click.echo(format_results(result))
-    click.echo(f"wrote {DEFAULT_RESULTS}")
-    click.echo(report.plot_recalls(result, DEFAULT_RESULTS.with_suffix(".png")))
+    _train_and_report(c, probe.ProbeSettings(seed=seed), DEFAULT_CHECKPOINT, DEFAULT_HISTORY)
+    _evaluate_and_report(c, "test", DEFAULT_CHECKPOINT, DEFAULT_RESULTS)
 
 
 if __name__ == "__main__":

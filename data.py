@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageOps
 
+from atomic import replacing
+
 SPLITS = ("train", "val", "test")
 FORMATS = ("csv", "kaggle", "karpathy", "hf")
 
@@ -407,8 +409,5 @@ def make_demo_dataset(root: str | os.PathLike, n_images: int = 600, seed: int = 
 
 
 def write_csv_atomic(df: pd.DataFrame, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    df[["image", "caption", "split"]].to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        df[["image", "caption", "split"]].to_csv(tmp, index=False)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import cache as cache_mod
 import metrics
+from atomic import replacing
 
 CHECKPOINT_FORMAT = "finetune-clip-flickr30k/heads-v1"
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's own clamp on the temperature
@@ -100,16 +101,19 @@ def evaluate_heads(heads: Heads, view: cache_mod.SplitView) -> dict:
         return metrics.retrieval_metrics(img, txt, torch.from_numpy(view.text_image_index))
 
 
-def _val_loss(heads: Heads, view: cache_mod.SplitView, batch_size: int) -> float:
-    """Contrastive loss on validation with each image's first caption (fixed, so epochs compare)."""
-    sampler = CaptionSampler(view.text_image_index, view.n_images)
-    first = sampler.order[sampler.start[sampler.images]]
+def _validate(heads: Heads, view: cache_mod.SplitView, first_caption: torch.Tensor, images: torch.Tensor,
+              batch_size: int) -> tuple[dict, float]:
+    """Validation recall, and contrastive loss with each image's first caption (fixed, so epochs compare).
+
+    Both come from one projection of the validation features.
+    """
     with torch.no_grad():
         img, txt = heads.embed(view)
-        losses = [contrastive_loss(img[sampler.images[s:s + batch_size]], txt[first[s:s + batch_size]],
-                                   heads.logit_scale) * len(first[s:s + batch_size])
-                  for s in range(0, len(first), batch_size)]
-    return float(sum(losses) / len(first))
+        recall = metrics.retrieval_metrics(img, txt, torch.from_numpy(view.text_image_index))
+        losses = [contrastive_loss(img[images[s:s + batch_size]], txt[first_caption[s:s + batch_size]],
+                                   heads.logit_scale) * len(images[s:s + batch_size])
+                  for s in range(0, len(images), batch_size)]
+    return recall, float(sum(losses) / len(images))
 
 
 def train(c: cache_mod.Cache, settings: ProbeSettings, out: Path, history_path: Path | None = None,
@@ -131,13 +135,15 @@ def train(c: cache_mod.Cache, settings: ProbeSettings, out: Path, history_path: 
     x_img = torch.from_numpy(train_view.image_features)
     x_txt = torch.from_numpy(train_view.text_features)
     sampler = CaptionSampler(train_view.text_image_index, train_view.n_images)
+    val_sampler = CaptionSampler(val_view.text_image_index, val_view.n_images)
+    val_first = val_sampler.order[val_sampler.start[val_sampler.images]]
 
     history, best, since_best = [], None, 0
     for epoch in range(0, settings.epochs + 1):
         t0 = time.perf_counter()
         train_loss = _train_epoch(heads, init, opt, x_img, x_txt, sampler, settings, gen) if epoch else None
-        val = evaluate_heads(heads, val_view)
-        entry = {"epoch": epoch, "train_loss": train_loss, "val_loss": _val_loss(heads, val_view, settings.batch_size),
+        val, val_loss = _validate(heads, val_view, val_first, val_sampler.images, settings.batch_size)
+        entry = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                  "val": val, "val_mean_recall": metrics.mean_recall(val),
                  "logit_scale": float(heads.logit_scale.detach()), "seconds": time.perf_counter() - t0}
         history.append(entry)
@@ -187,8 +193,6 @@ def _train_epoch(heads, init, opt, x_img, x_txt, sampler, settings, gen) -> floa
 
 def save_checkpoint(path: Path, heads: Heads, c: cache_mod.Cache, settings: ProbeSettings, entry: dict) -> None:
     """Write to a temp file beside the target and rename, so a checkpoint is never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": CHECKPOINT_FORMAT,
                "visual_proj": heads.visual_proj.detach().clone(),
                "text_projection": heads.text_projection.detach().clone(),
@@ -197,9 +201,8 @@ def save_checkpoint(path: Path, heads: Heads, c: cache_mod.Cache, settings: Prob
                "cache_fingerprint": c.fingerprint,
                "cache": {k: str(c.attrs.get(k, "")) for k in ("model", "pretrained", "precision", "seed")},
                "epoch": entry["epoch"], "val": entry["val"], "val_mean_recall": entry["val_mean_recall"]}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def load_checkpoint(path: Path, c: cache_mod.Cache | None = None) -> tuple[Heads, dict]:
@@ -220,11 +223,8 @@ def load_checkpoint(path: Path, c: cache_mod.Cache | None = None) -> tuple[Heads
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------- evaluation

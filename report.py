@@ -9,10 +9,11 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 from pathlib import Path
 
 from PIL import Image
+
+from atomic import replacing
 
 PLOTS_HINT = "pictures need matplotlib: .venv/bin/pip install matplotlib (the 'plots' extra)"
 
@@ -47,14 +48,6 @@ def search_page(query: str, hits: list[dict], image_root: Path, heads: str) -> s
             f"<h1>{e(query)}</h1><p>heads: {e(heads)}; {len(hits)} results</p>{''.join(cards)}</body></html>\n")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _pyplot():
     try:
         import matplotlib
@@ -66,10 +59,9 @@ def _pyplot():
 
 
 def _save(fig, plt, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")  # the temp name's suffix is .tmp, so say the format
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def plot_history(history: list[dict], path: Path) -> str:

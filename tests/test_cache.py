@@ -70,3 +70,16 @@ def test_mismatch_names_the_attribute():
 def test_missing_cache_says_what_to_run(tmp_path):
     with pytest.raises(cache.CacheError, match="extract"):
         cache.load(tmp_path / "nope.h5")
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
+    from atomic import replacing
+    target = tmp_path / "out" / "x.json"
+    with replacing(target) as tmp:
+        tmp.write_text("old")
+    with pytest.raises(RuntimeError):
+        with replacing(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["x.json"]

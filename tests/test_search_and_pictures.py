@@ -90,7 +90,12 @@ def test_without_matplotlib_they_say_how_to_get_pictures(tmp_path, monkeypatch):
     assert json.loads(Path("artifacts/training_history.json").read_text())["epochs"]
 
 
-def test_queries_use_the_caches_precision(extracted):
-    attrs = cache.read_attrs(extracted.cache)
-    feats = extract.encode_queries(attrs, ["a red circle"])
-    assert feats.shape == (1, 512) and feats.dtype == np.float32
+def test_queries_go_through_the_caches_own_trunk(extracted, reference_model):
+    """Query features times the cached text head equal open_clip's encode_text with the cache's model."""
+    c = cache.load(extracted.cache)
+    feats = extract.encode_queries(c.attrs, ["a red circle", "two dogs play in the snow"])
+    with torch.no_grad():
+        want = reference_model.model.encode_text(reference_model.tokenizer(["a red circle",
+                                                                             "two dogs play in the snow"]))
+    got = torch.from_numpy(feats @ c.heads["text_projection"])
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5
