@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench sweep pretrain clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,14 @@ test: setup
 
 bench: setup
 	$(PY) bench.py
+
+# The README's probe tables: the small pretrained CLIP on the demo's shifted world, 3 seeds a setting.
+sweep: setup
+	$(PY) tools/sweep_pretrained.py
+
+# Rebuild pretrained/ShapesCLIP.pt from scratch (seeded; about 10 minutes on 2 cores). It is committed.
+pretrain: setup
+	$(PY) pretrain.py
 
 clean:
 	rm -rf cache/demo_* data/demo artifacts/*.json checkpoints/*.pt

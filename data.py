@@ -1,4 +1,4 @@
-"""Annotations, splits, safe image opening and the synthetic demo dataset.
+"""Annotations, splits and safe image opening (the generated worlds live in worlds.py).
 
 Everything here works on plain pandas / PIL objects; nothing imports torch.
 The canonical in-memory form of a collection is a DataFrame with one row per
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import warnings
@@ -17,7 +16,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageOps
 
 from atomic import replacing
 
@@ -300,21 +299,35 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageLoadError("missing", f"{path} does not exist")
     if path.stat().st_size == 0:
         raise ImageLoadError("empty", f"{path} has zero bytes")
+    return decode_image(path, str(path))
+
+
+def decode_image(source, label: str) -> Image.Image:
+    """Decode a path or a binary file object into RGB, with load_image's reasons for failure."""
     try:
         with warnings.catch_warnings():
             # PIL only warns between 1x and 2x its pixel limit; treat both as too large.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 im.load()
                 return to_rgb(im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageLoadError("too_large", f"{path}: {exc}") from None
+        raise ImageLoadError("too_large", f"{label}: {exc}") from None
     except Image.UnidentifiedImageError:
-        raise ImageLoadError("not_an_image", f"{path} is not an image PIL can read") from None
+        raise ImageLoadError("not_an_image", f"{label} is not an image PIL can read") from None
     except (OSError, SyntaxError, ValueError) as exc:
         # The header parsed but the pixels did not: a cut-off download or a damaged file.
         reason = "truncated" if "truncat" in str(exc).lower() else "corrupt"
-        raise ImageLoadError(reason, f"{path}: {exc}") from None
+        raise ImageLoadError(reason, f"{label}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class FolderImages:
+    """Images as files under a root folder (the Flickr30k layout); names are relative paths."""
+    root: Path
+
+    def open(self, name: str) -> Image.Image:
+        return load_image(self.root / name)
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -332,80 +345,6 @@ def to_rgb(im: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return im.convert("RGB")
-
-
-# ---------------------------------------------------------------- demo dataset
-
-_COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 70, 220), "yellow": (240, 220, 30),
-            "purple": (140, 40, 170), "orange": (245, 140, 20), "white": (250, 250, 250), "black": (15, 15, 15)}
-_BACKGROUNDS = {"grey": (128, 128, 128), "sky-blue": (150, 200, 245), "pink": (245, 180, 200),
-                "dark green": (20, 80, 40), "beige": (225, 210, 170), "navy": (20, 25, 80)}
-_SHAPES = ("circle", "square", "triangle", "cross", "star", "ring")
-_SIZES = {"small": 0.16, "medium": 0.26, "large": 0.38}
-_POSITIONS = {"top left": (0.3, 0.3), "top right": (0.7, 0.3), "centre": (0.5, 0.5),
-              "bottom left": (0.3, 0.7), "bottom right": (0.7, 0.7)}
-_TEMPLATES = (
-    "a {size} {colour} {shape} on a {bg} background",
-    "a {colour} {shape} in the {pos} of the picture",
-    "there is a {size} {shape} coloured {colour} against {bg}",
-    "{bg} backdrop with a {colour} {shape} at the {pos}",
-    "an image showing one {size} {colour} {shape}",
-    "a drawing of a {shape}, {colour}, placed {pos}",
-    "simple picture: {colour} {shape} over a {bg} background",
-)
-
-
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "ring":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=max(2, int(r / 3)))
-    elif shape == "square":
-        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-    elif shape == "cross":
-        w = r / 3
-        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
-        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
-    else:  # five-pointed star
-        pts = [(cx + (r if k % 2 == 0 else r / 2.5) * math.sin(k * math.pi / 5),
-                cy - (r if k % 2 == 0 else r / 2.5) * math.cos(k * math.pi / 5)) for k in range(10)]
-        draw.polygon(pts, fill=fill)
-
-
-def make_demo_dataset(root: str | os.PathLike, n_images: int = 600, seed: int = 0,
-                      size: int = 160) -> Path:
-    """Write a captioned-shapes dataset in the Flickr30k layout; return the annotations CSV.
-
-    ``root/images/*.jpg`` plus ``root/annotations.csv`` (``image,caption,split``), with
-    5 differently worded captions per image. Deterministic for a seed.
-    """
-    root = Path(root)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n_images):
-        attrs = {"shape": _SHAPES[rng.integers(len(_SHAPES))],
-                 "colour": list(_COLOURS)[rng.integers(len(_COLOURS))],
-                 "bg": list(_BACKGROUNDS)[rng.integers(len(_BACKGROUNDS))],
-                 "size": list(_SIZES)[rng.integers(len(_SIZES))],
-                 "pos": list(_POSITIONS)[rng.integers(len(_POSITIONS))]}
-        if attrs["colour"] == "white" and attrs["bg"] == "beige":
-            attrs["bg"] = "navy"  # keep every shape visible against its background
-        im = Image.new("RGB", (size, size), _BACKGROUNDS[attrs["bg"]])
-        fx, fy = _POSITIONS[attrs["pos"]]
-        jitter = rng.uniform(-0.05, 0.05, size=2) * size
-        _draw_shape(ImageDraw.Draw(im), attrs["shape"], fx * size + jitter[0], fy * size + jitter[1],
-                    _SIZES[attrs["size"]] * size, _COLOURS[attrs["colour"]])
-        name = f"shape_{i:05d}.jpg"
-        im.save(root / "images" / name, quality=92)
-        for t in rng.choice(len(_TEMPLATES), size=5, replace=False):
-            rows.append((name, _TEMPLATES[t].format(**attrs)))
-    df = assign_splits(pd.DataFrame(rows, columns=["image", "caption"]).assign(split=None), seed=seed)
-    out = root / "annotations.csv"
-    write_csv_atomic(df, out)
-    return out
 
 
 def write_csv_atomic(df: pd.DataFrame, path: str | os.PathLike) -> None:

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import data
+import worlds
 
 
 def write(path, text):
@@ -187,10 +188,12 @@ def test_ordinary_rgb_jpeg_is_untouched(tmp_path):
     assert np.array_equal(ours, theirs)
 
 
-def test_demo_dataset_is_deterministic(tmp_path):
-    a = data.make_demo_dataset(tmp_path / "a", n_images=20, seed=1, size=32)
-    b = data.make_demo_dataset(tmp_path / "b", n_images=20, seed=1, size=32)
+@pytest.mark.parametrize("world", ["source", "target"])
+def test_generated_worlds_are_deterministic(tmp_path, world):
+    a = worlds.make_dataset(tmp_path / "a", world, n_images=20, seed=1, size=32)
+    b = worlds.make_dataset(tmp_path / "b", world, n_images=20, seed=1, size=32)
     assert a.read_text() == b.read_text()
     df = pd.read_csv(a)
     assert df.groupby("image")["caption"].nunique().min() == 5
-    assert (tmp_path / "a/images/shape_00000.jpg").read_bytes() == (tmp_path / "b/images/shape_00000.jpg").read_bytes()
+    name = f"images/{world}_00000.jpg"
+    assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

@@ -13,7 +13,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cache  # noqa: E402
-import data  # noqa: E402
+import model  # noqa: E402
+import worlds  # noqa: E402
 import extract  # noqa: E402
 
 
@@ -36,7 +37,7 @@ def compare(a, b, name):
 
 def main():
     out = Path(sys.argv[1])
-    ann = data.make_demo_dataset(out / "demo", n_images=256, size=160)
+    ann = worlds.make_dataset(out / "demo", "source", n_images=256, size=160)
     print("torch", torch.__version__, torch.cuda.get_device_name(0))
     cpu, t_cpu, _ = run(out, "cpu", "fp32", ann)
     gpu, t_gpu, s = run(out, "cuda", "fp32", ann)
@@ -49,16 +50,16 @@ def main():
     compare(half, cpu, "cuda fp16 vs cpu fp32")
     print("fingerprints equal cpu/cuda:", cpu.fingerprint == gpu.fingerprint, "| images done:", s.images_done)
     # trunk throughput on the GPU alone (no decoding)
-    lm = extract.load_model("ViT-B-32", "none")
-    extract.take_heads(lm.model)
+    lm = model.load_model("ViT-B-32", "none")
+    model.take_heads(lm.model)
     for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         m = lm.model.to("cuda", dtype)
         px = torch.randn(256, 3, 224, 224, device="cuda")
-        extract.image_features(m, px)
+        model.image_features(m, px)
         torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(5):
-            extract.image_features(m, px)
+            model.image_features(m, px)
         torch.cuda.synchronize()
         print(f"image trunk {precision}: {5 * 256 / (time.perf_counter() - t):.0f} img/s")
 
