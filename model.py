@@ -1,0 +1,326 @@
+"""Building and loading CLIP models, taking their heads out, and the pre-projection trunk forwards.
+
+A model is an open_clip name (``ViT-B-32``) or an open_clip model-config JSON file (registered
+through ``open_clip.add_model_config``, so open_clip builds it exactly as it builds its own).
+Weights are an open_clip tag (``openai``), a local FILE (state dict or OpenAI TorchScript), or
+``none`` (seeded random init). The projection heads are taken out of the model, so open_clip's
+own towers return the pre-projection features the cache stores; features times heads equal
+``encode_image`` / ``encode_text`` (tests prove it).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
+
+
+class ModelError(RuntimeError):
+    """A model or its weights cannot be built or loaded; the message says what was expected."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module       # the whole CLIP model, heads still in place
+    preprocess: object           # open_clip's eval transform (PIL -> tensor)
+    tokenizer: object
+    arch: str                    # the open_clip model name that rebuilds this architecture
+    pretrained: str              # 'none', a tag, or 'file:<abs path>'
+    description: str             # what the user is told was loaded
+    config: str = ""             # the model-config JSON when the model came from a config file, else ''
+
+
+# ---------------------------------------------------------------- architectures
+
+def register_config(path: str | os.PathLike) -> tuple[str, str]:
+    """Register an open_clip model-config JSON file; return (model name, canonical config JSON).
+
+    open_clip names a registered config by its file stem. A stem that already names
+    another architecture is refused rather than silently shadowing it.
+    """
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"model config {path} is not readable JSON ({str(exc).splitlines()[0][:120]})") from None
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise ModelError(f"{path} is not an open_clip model config: missing {missing} "
+                         "(expected keys embed_dim, vision_cfg, text_cfg)")
+    name = path.stem
+    known = open_clip.get_model_config(name) if name in open_clip.list_models() else None
+    if known is not None and known != cfg:
+        raise ModelError(f"model config {path} is named {name!r}, which open_clip already knows as another "
+                         "architecture; rename the file")
+    if known is None:
+        open_clip.add_model_config(path)
+    return name, json.dumps(cfg, sort_keys=True)
+
+
+def register_recorded_config(name: str, config: str) -> None:
+    """Register a config recorded in a cache or checkpoint, so the model is rebuilt exactly."""
+    if name in open_clip.list_models() and open_clip.get_model_config(name) == json.loads(config):
+        return
+    folder = Path(tempfile.mkdtemp(prefix="clip-config-"))
+    (folder / f"{name}.json").write_text(config, encoding="utf-8")
+    register_config(folder / f"{name}.json")
+
+
+def resolve_arch(model: str) -> tuple[str, str]:
+    """(open_clip model name, config JSON or '') for a --model value: a known name or a config file."""
+    if model.endswith(".json") or (os.sep in model and not model.startswith(("hf-hub:", "local-dir:"))):
+        if not Path(model).is_file():
+            raise ModelError(f"model config not found: {model} (expected an open_clip model-config JSON file)")
+        return register_config(model)
+    if model not in open_clip.list_models():
+        raise ModelError(f"unknown model {model!r}: neither an open_clip model name (e.g. ViT-B-32, "
+                         "ViT-B-32-quickgelu) nor a model-config JSON file")
+    return model, ""
+
+
+# ---------------------------------------------------------------- weights
+
+def _is_torchscript(path: Path) -> bool:
+    """OpenAI's own .pt files are TorchScript archives; open_clip's state-dict loader refuses them."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_tag(name: str, tag: str):
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    if not cfg:
+        raise ModelError(f"unknown pretrained tag {tag!r} for {name}; known tags: "
+                         f"{open_clip.list_pretrained_tags_by_model(name)}; or pass a local FILE or 'none'")
+    if not _hub_reachable():
+        # No network: let huggingface_hub serve its local cache without ~1 min of retries.
+        import huggingface_hub.constants as hf_constants
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        hf_constants.HF_HUB_OFFLINE = True
+    # OpenAI's weights were trained with QuickGELU; the plain 'ViT-B-32' config uses GELU.
+    quick = bool(cfg.get("quick_gelu")) and not name.endswith("-quickgelu")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, force_quick_gelu=quick)
+    except RuntimeError as exc:
+        raise ModelError(f"could not get the {tag!r} weights for {name} ({str(exc).splitlines()[0][:160]}); "
+                         "offline, pass --pretrained FILE (a local checkpoint) or --pretrained none") from None
+    arch = name + "-quickgelu" if quick else name
+    return model, preprocess, arch
+
+
+def _load_file(name: str, path: Path):
+    if _is_torchscript(path):
+        # The way open_clip loads OpenAI's archives: rebuild from the state dict, with QuickGELU.
+        model = open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
+        _check_same_architecture(model, name, path)
+        preprocess = open_clip.image_transform(model.visual.image_size, is_train=False,
+                                               mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD)
+        arch = name if name.endswith("-quickgelu") else name + "-quickgelu"
+        return model, preprocess, arch
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(path))
+    except (RuntimeError, KeyError, ValueError, OSError, EOFError) as exc:
+        raise ModelError(f"cannot load {path} into {name}: {str(exc).splitlines()[0][:200]}; "
+                         "expected a state dict of that architecture (pass the matching --model)") from None
+    return model, preprocess, name
+
+
+def _check_same_architecture(model: torch.nn.Module, name: str, path: Path) -> None:
+    with _quiet():
+        ref = open_clip.create_model(name, pretrained=None)
+    want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if want != got:
+        diff = sorted(set(want.items()) ^ set(got.items()))[:2]
+        raise ModelError(f"{path} is not a {name} checkpoint (first differences: {diff}); pass the matching --model")
+
+
+@contextmanager
+def _quiet():
+    """open_clip logs a warning for every random init; the caller says what was loaded instead."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_model(model: str = "ViT-B-32", pretrained: str = "openai", seed: int = 0) -> LoadedModel:
+    """``model``: an open_clip name or config JSON file; ``pretrained``: a tag, a local FILE, or 'none'."""
+    name, config = resolve_arch(model)
+    if pretrained == "none":
+        torch.manual_seed(seed)
+        with _quiet():
+            net, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+        arch, tag, desc = name, "none", f"{name}, random init (seed {seed}): features carry no pretrained knowledge"
+    elif Path(pretrained).is_file():
+        path = Path(pretrained).resolve()
+        net, preprocess, arch = _load_file(name, path)
+        tag, desc = f"file:{path}", f"{arch} from {path}"
+    elif os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        raise ModelError(f"pretrained file not found: {pretrained}")
+    else:
+        net, preprocess, arch = _load_tag(name, pretrained)
+        tag, desc = pretrained, f"{arch}, pretrained={pretrained}"
+    net.eval().requires_grad_(False)
+    return LoadedModel(net, preprocess, open_clip.get_tokenizer(name), arch, tag, desc, config)
+
+
+def load_like_cache(info: dict) -> LoadedModel:
+    """Rebuild the model a cache was made with, from its recorded model, config, pretrained and seed."""
+    if info.get("model_config"):
+        register_recorded_config(str(info["model"]), str(info["model_config"]))
+    pretrained = str(info["pretrained"])
+    pretrained = pretrained[5:] if pretrained.startswith("file:") else pretrained
+    loaded = load_model(str(info["model"]), pretrained, seed=max(int(info.get("seed") or 0), 0))
+    if loaded.arch != info["model"]:
+        raise ModelError(f"rebuilt {loaded.arch}, but the cache was made with {info['model']}")
+    return loaded
+
+
+# ---------------------------------------------------------------- heads and trunks
+
+def take_heads(model: torch.nn.Module) -> dict:
+    """Copy the heads out (fp32 numpy) and remove them, so the towers return pre-projection features."""
+    heads = {"visual_proj": model.visual.proj.detach().float().cpu().numpy().copy(),
+             "text_projection": model.text_projection.detach().float().cpu().numpy().copy(),
+             "logit_scale": np.float32(model.logit_scale.detach().float().cpu().item())}
+    model.visual.proj = None
+    model.text_projection = None
+    return heads
+
+
+@torch.no_grad()
+def image_features(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """ln_post output at the class token (the model's heads must have been taken out)."""
+    assert model.visual.proj is None, "take_heads(model) first"
+    dtype = model.visual.conv1.weight.dtype
+    return model.visual(pixels.to(dtype)).float()
+
+
+def text_features(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """ln_final output at the EOT token, running only as many positions as the longest caption needs.
+
+    Exact, not approximate: the causal mask means position i attends to positions
+    <= i only, so the padding after a caption's EOT never reaches the EOT's
+    features. Trimming the context to the batch's longest caption (and slicing the
+    positional embedding and mask to match) just skips work on padding.
+    Runs with autograd when it is enabled (pretraining uses it); extraction wraps it in no_grad.
+    """
+    eot = tokens.argmax(dim=-1)  # EOT has the largest id in CLIP's vocabulary
+    n = int(eot.max()) + 1
+    cast = model.token_embedding.weight.dtype  # the trunk's dtype (quantized layers have no float weight)
+    x = model.token_embedding(tokens[:, :n]).to(cast) + model.positional_embedding[:n].to(cast)
+    x = model.transformer(x, attn_mask=model.attn_mask[:n, :n])
+    x = model.ln_final(x)
+    return x[torch.arange(x.shape[0]), eot].float()
+
+
+def prepare(model: torch.nn.Module, precision: str, device, compile: bool = True) -> torch.nn.Module:
+    """The headless model in the precision extraction runs it in (int8: see quantize_int8)."""
+    if precision == "int8":
+        return quantize_int8(model, compile)
+    return model.to(device=device, dtype=PRECISIONS[precision])
+
+
+def encode_queries(info: dict, queries: list[str]) -> np.ndarray:
+    """Pre-projection features of free-text queries, from the same trunk and precision as the cache."""
+    loaded = load_like_cache(info)
+    take_heads(loaded.model)
+    net = prepare(loaded.model, str(info.get("precision", "fp32")), "cpu", compile=False)  # a few queries
+    with torch.no_grad():
+        return text_features(net, loaded.tokenizer(queries)).numpy()
+
+
+class LinearSelfAttention(torch.nn.Module):
+    """``nn.MultiheadAttention`` (batch first, self-attention) as two ``nn.Linear`` around SDPA.
+
+    Quantizers replace ``nn.Linear`` modules; MultiheadAttention keeps its input projection
+    as a bare parameter, a third of each block's weights, which they would leave in fp32.
+    In fp32 this module computes what MultiheadAttention computes (tests compare them).
+    """
+
+    def __init__(self, mha: torch.nn.MultiheadAttention):
+        super().__init__()
+        if not mha.batch_first or mha.in_proj_weight is None:
+            raise ModelError("int8 needs batch-first attention with one packed input projection")
+        width, self.heads = mha.embed_dim, mha.num_heads
+        self.in_proj = torch.nn.Linear(width, 3 * width)
+        self.out_proj = torch.nn.Linear(width, width)
+        with torch.no_grad():
+            self.in_proj.weight.copy_(mha.in_proj_weight)
+            self.in_proj.bias.copy_(mha.in_proj_bias)
+            self.out_proj.weight.copy_(mha.out_proj.weight)
+            self.out_proj.bias.copy_(mha.out_proj.bias)
+
+    def forward(self, q, k=None, v=None, need_weights=False, attn_mask=None):
+        b, n, d = q.shape  # open_clip passes the same tensor as q, k and v
+        qkv = self.in_proj(q).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d)), None
+
+
+def linear_attention(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every MultiheadAttention in ``model`` (in place) by LinearSelfAttention."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.MultiheadAttention):
+                setattr(parent, name, LinearSelfAttention(child))
+    return model
+
+
+def quantize_int8(model: torch.nn.Module, compile: bool = True) -> torch.nn.Module:
+    """Dynamic int8 (torchao) for every linear layer of both trunks: weights per output channel,
+    activations per token at run time. The patch embedding, norms and attention scores stay fp32.
+
+    torchao's fast int8 kernels come from ``torch.compile``: eager, they run 1.2-1.6x fp32 on an
+    AVX2 CPU, compiled 5-6x (``make bench``). Compiling costs tens of seconds once per process
+    (shapes are dynamic, so caption lengths do not recompile); ``compile=False`` skips it for a
+    handful of search queries.
+    """
+    _quiet_compiler()
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    model = linear_attention(model.float())
+    quantize_(model, Int8DynamicActivationInt8WeightConfig())
+    if compile:
+        model.visual = torch.compile(model.visual, dynamic=True)
+        model.transformer = torch.compile(model.transformer, dynamic=True)
+    return model
+
+
+def _quiet_compiler() -> None:
+    """Three messages torchao and inductor print on every CPU run that say nothing a user can act on."""
+    import warnings
+    for name in ("torch.utils._pytree", "torch.utils.cpp_extension"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*does not implement _stable_hash_for_caching.*")
