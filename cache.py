@@ -12,7 +12,7 @@ import fcntl
 import hashlib
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,9 +22,13 @@ import numpy as np
 from atomic import replacing
 
 PENDING, DONE, FAILED = 0, 1, 2
+# HDF5's own per-chunk checksum on every numeric dataset: a flipped byte fails the read
+# instead of silently changing the numbers. (Strings live in HDF5's global heap, which
+# filters do not cover; a damaged heap fails to decode instead.)
+CHECKED = dict(fletcher32=True)
 # Attributes that change the cache's contents: a resume or a reader that expects
 # other values is refused, naming the attribute.
-IDENTITY = ("model", "pretrained", "precision", "annotations_sha256", "seed")
+IDENTITY = ("model", "model_config", "pretrained", "precision", "annotations_sha256", "seed")
 _STR = h5py.string_dtype("utf-8")
 
 
@@ -64,18 +68,20 @@ def create(path: str | os.PathLike, *, image_names, image_splits, captions, capt
         g.create_dataset("name", data=np.asarray(image_names, dtype=object), dtype=_STR)
         g.create_dataset("split", data=np.asarray(image_splits, dtype=object), dtype=_STR)
         g.create_dataset("features", shape=(n_img, img_dim), dtype="f4", fillvalue=np.nan,
-                         chunks=(max(1, min(n_img, chunk_rows)), img_dim))
-        g.create_dataset("status", data=np.zeros(n_img, np.uint8))
+                         chunks=(max(1, min(n_img, chunk_rows)), img_dim), **CHECKED)
+        g.create_dataset("status", data=np.zeros(n_img, np.uint8), chunks=True, **CHECKED)
         g.create_dataset("error", data=np.full(n_img, "", dtype=object), dtype=_STR)
         t = f.create_group("texts")
         t.create_dataset("caption", data=np.asarray(captions, dtype=object), dtype=_STR)
-        t.create_dataset("image_index", data=np.asarray(caption_image_index, dtype=np.int64))
+        t.create_dataset("image_index", data=np.asarray(caption_image_index, dtype=np.int64), chunks=True,
+                         **CHECKED)
         t.create_dataset("features", shape=(n_cap, txt_dim), dtype="f4", fillvalue=np.nan,
-                         chunks=(max(1, min(n_cap, chunk_rows)), txt_dim))
-        t.create_dataset("status", data=np.zeros(n_cap, np.uint8))
+                         chunks=(max(1, min(n_cap, chunk_rows)), txt_dim), **CHECKED)
+        t.create_dataset("status", data=np.zeros(n_cap, np.uint8), chunks=True, **CHECKED)
         h = f.create_group("heads")
-        for name in ("visual_proj", "text_projection", "logit_scale"):
-            h.create_dataset(name, data=np.asarray(heads[name], dtype=np.float32))
+        for name in ("visual_proj", "text_projection"):
+            h.create_dataset(name, data=np.asarray(heads[name], dtype=np.float32), chunks=True, **CHECKED)
+        h.create_dataset("logit_scale", data=np.float32(heads["logit_scale"]))  # a scalar cannot be chunked
         for k, v in attrs.items():
             f.attrs[k] = str(v) if isinstance(v, str) else v  # str subclasses (torch.__version__) confuse h5py
         f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -185,6 +191,7 @@ class Cache:
     text_image_index: np.ndarray  # [N_cap] int64
     text_features: np.ndarray    # [N_cap, D_txt] float32
     heads: dict                  # visual_proj [D_img, E], text_projection [D_txt, E], logit_scale []
+    notes: list = field(default_factory=list)  # what a reader should be told (e.g. no checksums)
 
     @property
     def fingerprint(self) -> str:
@@ -229,7 +236,11 @@ class SplitView:
 
 
 def load(path: str | os.PathLike) -> Cache:
-    """Read a complete cache into memory (probe and eval need every row anyway)."""
+    """Read a complete cache into memory (probe and eval need every row anyway).
+
+    Every numeric dataset is read through its checksum; a damaged chunk becomes a
+    CacheError that says so, never numbers that are silently wrong.
+    """
     path = Path(path)
     if not path.is_file():
         raise CacheError(f"cache not found: {path} (run `python cli.py extract` first)")
@@ -242,18 +253,31 @@ def load(path: str | os.PathLike) -> Cache:
             done = int((f["images/status"][:] != PENDING).sum())
             raise CacheError(f"cache {path} is not complete ({done}/{f['images/status'].shape[0]} images done); "
                              "run the same extract command again to finish it")
-        img, txt = f["images"], f["texts"]
-        cache = Cache(
-            path=path,
-            attrs=_attrs(f),
-            image_names=img["name"].asstr()[:].astype(object),
-            image_split=img["split"].asstr()[:].astype(object),
-            image_ok=img["status"][:] == DONE,
-            image_error=img["error"].asstr()[:].astype(object),
-            image_features=img["features"][:],
-            captions=txt["caption"].asstr()[:].astype(object),
-            text_image_index=txt["image_index"][:],
-            text_features=txt["features"][:],
-            heads={k: f["heads"][k][()] for k in ("visual_proj", "text_projection", "logit_scale")},
-        )
+        try:
+            cache = _read(path, f)
+        except OSError as exc:  # h5py reports a failed Fletcher32 checksum as an OSError on read
+            raise CacheError(f"cache {path} is damaged ({str(exc).splitlines()[0][:100]}); delete it and run "
+                             "the same extract command again to rebuild it") from None
+        if not f["images/features"].fletcher32:
+            cache.notes.append(f"{path} was written before caches carried checksums: damage to it cannot be "
+                               "detected (extract it again to add them)")
     return cache
+
+
+def _read(path: Path, f: h5py.File) -> Cache:
+    img, txt = f["images"], f["texts"]
+    if (txt["status"][:] != DONE).any():
+        raise CacheError(f"cache {path} is marked complete but has captions not done; run extract again")
+    return Cache(
+        path=path,
+        attrs=_attrs(f),
+        image_names=img["name"].asstr()[:].astype(object),
+        image_split=img["split"].asstr()[:].astype(object),
+        image_ok=img["status"][:] == DONE,
+        image_error=img["error"].asstr()[:].astype(object),
+        image_features=img["features"][:],
+        captions=txt["caption"].asstr()[:].astype(object),
+        text_image_index=txt["image_index"][:],
+        text_features=txt["features"][:],
+        heads={k: f["heads"][k][()] for k in ("visual_proj", "text_projection", "logit_scale")},
+    )

@@ -83,3 +83,42 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
             raise RuntimeError("killed mid-write")
     assert target.read_text() == "old"
     assert sorted(p.name for p in target.parent.iterdir()) == ["x.json"]
+
+
+def _flip_a_byte_inside(path, dataset):
+    import h5py
+    with h5py.File(path, "r") as f:
+        info = f[dataset].id.get_chunk_info(0)
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset + info.size // 2)
+        b = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([b[0] ^ 0x40]))
+
+
+@pytest.mark.parametrize("dataset", ["images/features", "texts/features", "texts/status"])
+def test_a_flipped_byte_is_caught_and_named(tmp_path, dataset):
+    path = make_synthetic_cache(tmp_path / "c.h5")
+    _flip_a_byte_inside(path, dataset)
+    with pytest.raises(cache.CacheError, match="is damaged .*run the same extract command again"):
+        cache.load(path)
+
+
+def test_cli_says_the_cache_is_damaged_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    import cli
+    path = make_synthetic_cache(tmp_path / "c.h5")
+    _flip_a_byte_inside(path, "images/features")
+    for args in (["eval", "--baseline-only"], ["probe", "--epochs", "1"], ["compare", "--b", "baseline"]):
+        r = CliRunner().invoke(cli.cli, [*args, "--cache", str(path)])
+        assert r.exit_code == 1 and r.output.count("\n") == 1 and "is damaged" in r.output, r.output
+
+
+def test_a_cache_from_before_checksums_still_loads_with_a_note(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "CHECKED", {})
+    c = cache.load(make_synthetic_cache(tmp_path / "old.h5"))
+    assert c.image_features.shape[0] == 200
+    assert any("before caches carried checksums" in n for n in c.notes)
+    monkeypatch.undo()
+    assert cache.load(make_synthetic_cache(tmp_path / "new.h5")).notes == []
