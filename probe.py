@@ -23,6 +23,9 @@ from atomic import replacing
 
 CHECKPOINT_FORMAT = "finetune-clip-flickr30k/heads-v1"
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's own clamp on the temperature
+ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))  # 0.0, 0.1, ..., 1.0
+LOSSES = ("single", "multi")
+CACHE_KEYS = ("model", "model_config", "pretrained", "precision", "seed")  # what rebuilds the model of a cache
 
 
 class ProbeError(ValueError):
@@ -31,14 +34,21 @@ class ProbeError(ValueError):
 
 @dataclass(frozen=True)
 class ProbeSettings:
-    lr: float = 3e-3              # AdamW learning rate (best of 1e-3..1e-2 on the demo, see README)
-    weight_decay: float = 0.1     # AdamW decay toward zero, on the heads only (won on the demo, see README)
+    lr: float = 3e-3              # AdamW learning rate (best of 1e-5..1e-2 on a pretrained start: `make sweep`)
+    weight_decay: float = 0.1     # AdamW decay toward zero, on the heads only (0 and 0.1 tie: `make sweep`)
     reg_to_init: float = 0.0      # L2 penalty on the distance from the pretrained heads (sum of squares)
-    train_logit_scale: bool = True  # learn the temperature too, or keep the pretrained one
-    batch_size: int = 128         # distinct images per batch, one random caption each
+    train_logit_scale: bool = False  # keep the pretrained temperature, or learn it too (they tie: `make sweep`)
+    batch_size: int = 128         # distinct images per batch (64, 128 and 256 tie: `make sweep`)
+    loss: str = "multi"           # 'multi': all captions of an image are positives; 'single': one at random
     epochs: int = 100             # upper bound; early stopping usually ends sooner
     patience: int = 10            # epochs without a better validation recall before stopping
     seed: int = 0                 # batch order and caption choice
+    interpolate: bool = True      # WiSE-FT: choose alpha*trained + (1-alpha)*pretrained on validation
+    alphas: tuple = ALPHAS        # the grid of alpha tried; must hold values in [0, 1]
+
+    def record(self) -> dict:
+        """The settings as plain JSON values (checkpoints and history files carry them)."""
+        return {**asdict(self), "alphas": [float(a) for a in self.alphas]}
 
     def check(self) -> None:
         for name in ("lr", "batch_size", "epochs"):
@@ -47,6 +57,11 @@ class ProbeSettings:
         for name in ("weight_decay", "reg_to_init", "patience"):
             if getattr(self, name) < 0:
                 raise ProbeError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.loss not in LOSSES:
+            raise ProbeError(f"unknown loss {self.loss!r}; choose one of {list(LOSSES)}")
+        if not self.alphas or any(not 0.0 <= a <= 1.0 for a in self.alphas):
+            raise ProbeError(f"interpolation alphas must be a non-empty list of values in [0, 1], got "
+                             f"{list(self.alphas)}")
 
 
 @dataclass
@@ -60,6 +75,15 @@ class Heads:
         return cls(*(torch.as_tensor(np.asarray(c.heads[k]), dtype=torch.float32).clone()
                      for k in ("visual_proj", "text_projection", "logit_scale")))
 
+    def detached(self) -> "Heads":
+        return Heads(*(t.detach().clone() for t in (self.visual_proj, self.text_projection, self.logit_scale)))
+
+    def mix(self, other: "Heads", alpha: float) -> "Heads":
+        """``alpha * other + (1 - alpha) * self``, every tensor (the temperature too)."""
+        return Heads(*(torch.lerp(a.detach(), b.detach(), alpha) for a, b in
+                       ((self.visual_proj, other.visual_proj), (self.text_projection, other.text_projection),
+                        (self.logit_scale, other.logit_scale))))
+
     def embed(self, view: cache_mod.SplitView) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.from_numpy(view.image_features) @ self.visual_proj,
                 torch.from_numpy(view.text_features) @ self.text_projection)
@@ -70,6 +94,20 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Te
     logits = logit_scale.exp() * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
     target = torch.arange(len(img))
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def multi_positive_loss(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor,
+                        logit_scale: torch.Tensor) -> torch.Tensor:
+    """Contrastive loss with every caption of each image as a positive (soft targets, as in ALBEF).
+
+    ``txt`` holds all captions of the batch's images, ``owner[j]`` the row of ``img`` caption j
+    describes. Image->text: the target spreads evenly over the image's own captions.
+    Text->image: each caption has exactly one right image.
+    """
+    logits = logit_scale.exp() * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T  # [B, T]
+    positive = (owner[None, :] == torch.arange(len(img))[:, None]).float()
+    i2t = -(F.log_softmax(logits, dim=1) * positive / positive.sum(1, keepdim=True)).sum(1).mean()
+    return (i2t + F.cross_entropy(logits.T, owner)) / 2
 
 
 class CaptionSampler:
@@ -86,6 +124,13 @@ class CaptionSampler:
     def draw(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         pick = (torch.rand(len(images), generator=gen) * self.count[images]).long()
         return self.order[self.start[images] + pick]
+
+    def every(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All captions of ``images`` (rows), and for each the position of its image in ``images``."""
+        owner = torch.repeat_interleave(torch.arange(len(images)), self.count[images])
+        offset = torch.arange(len(owner)) - torch.repeat_interleave(
+            torch.cumsum(self.count[images], 0) - self.count[images], self.count[images])
+        return self.order[self.start[images][owner] + offset], owner
 
 
 def _split(c: cache_mod.Cache, name: str) -> cache_mod.SplitView:
@@ -152,18 +197,43 @@ def train(c: cache_mod.Cache, settings: ProbeSettings, out: Path, history_path: 
               f"val loss {entry['val_loss']:.4f}  val mean recall {entry['val_mean_recall']:6.2f}"
               f"{'  *' if improved else ''}", file=log)
         if improved:
-            best, since_best = entry, 0
-            save_checkpoint(out, heads, c, settings, entry)
+            best, best_heads, since_best = entry, heads.detached(), 0
         else:
             since_best += 1
             if since_best >= settings.patience:
                 print(f"early stop: no better validation recall for {settings.patience} epochs", file=log)
                 break
+    chosen, interpolation = best_heads, None
+    if settings.interpolate:
+        chosen, interpolation, val = interpolate(init, best_heads, val_view, settings.alphas)
+        best = {**best, "val": val, "val_mean_recall": metrics.mean_recall(val)}
+        print(f"interpolation: alpha {interpolation['alpha']} (1 = the trained heads, 0 = the pretrained ones), "
+              f"val mean recall {best['val_mean_recall']:.2f}", file=log)
+    save_checkpoint(out, chosen, c, settings, best, interpolation)
     if history_path is not None:
-        write_json_atomic(history_path, {"settings": asdict(settings), "cache_fingerprint": c.fingerprint,
-                                         "best_epoch": best["epoch"], "epochs": history})
+        write_json_atomic(history_path, {"settings": settings.record(), "cache_fingerprint": c.fingerprint,
+                                         "best_epoch": best["epoch"], "interpolation": interpolation,
+                                         "epochs": history})
     return {"best_epoch": best["epoch"], "val": best["val"], "val_mean_recall": best["val_mean_recall"],
-            "history": history, "checkpoint": str(out)}
+            "interpolation": interpolation, "history": history, "checkpoint": str(out)}
+
+
+def interpolate(init: Heads, trained: Heads, view: cache_mod.SplitView, alphas) -> tuple[Heads, dict, dict]:
+    """WiSE-FT on the heads: ``alpha * trained + (1 - alpha) * pretrained``, alpha chosen on validation.
+
+    Alpha 0 (the pretrained heads) is always a candidate unless the grid leaves it out, so on
+    validation the result is never worse than zero-shot. Ties go to the smaller alpha: the
+    heads nearer the pretrained ones keep more of what pretraining knew.
+    """
+    scores, best = {}, None
+    for alpha in sorted(float(a) for a in alphas):
+        heads = init.mix(trained, alpha)
+        val = evaluate_heads(heads, view)
+        scores[str(alpha)] = metrics.mean_recall(val)
+        if best is None or scores[str(alpha)] > best[2]:
+            best = (alpha, heads, scores[str(alpha)], val)
+    alpha, heads, _, val = best
+    return heads, {"alpha": alpha, "val_by_alpha": scores}, val
 
 
 def _train_epoch(heads, init, opt, x_img, x_txt, sampler, settings, gen) -> float:
@@ -173,9 +243,13 @@ def _train_epoch(heads, init, opt, x_img, x_txt, sampler, settings, gen) -> floa
         batch = images[s:s + settings.batch_size]
         if len(batch) < 2:
             continue  # a lone pair has no negative to learn from
-        caps = sampler.draw(batch, gen)
-        loss = contrastive_loss(x_img[batch] @ heads.visual_proj, x_txt[caps] @ heads.text_projection,
-                                heads.logit_scale)
+        img = x_img[batch] @ heads.visual_proj
+        if settings.loss == "multi":
+            caps, owner = sampler.every(batch)
+            loss = multi_positive_loss(img, x_txt[caps] @ heads.text_projection, owner, heads.logit_scale)
+        else:
+            caps = sampler.draw(batch, gen)
+            loss = contrastive_loss(img, x_txt[caps] @ heads.text_projection, heads.logit_scale)
         total += float(loss.detach()) * len(batch)
         n += len(batch)
         if settings.reg_to_init:
@@ -191,22 +265,31 @@ def _train_epoch(heads, init, opt, x_img, x_txt, sampler, settings, gen) -> floa
 
 # ---------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path: Path, heads: Heads, c: cache_mod.Cache, settings: ProbeSettings, entry: dict) -> None:
-    """Write to a temp file beside the target and rename, so a checkpoint is never half-written."""
+def save_checkpoint(path: Path, heads: Heads, c: cache_mod.Cache, settings: ProbeSettings, entry: dict,
+                    interpolation: dict | None = None) -> None:
+    """Write to a temp file beside the target and rename, so a checkpoint is never half-written.
+
+    ``interpolation`` is ``{"alpha": a, "val_by_alpha": {"0.0": ..., ...}}`` when the saved heads are
+    the WiSE-FT mix chosen on validation, None when they are the trained heads as they are.
+    """
     payload = {"format": CHECKPOINT_FORMAT,
                "visual_proj": heads.visual_proj.detach().clone(),
                "text_projection": heads.text_projection.detach().clone(),
                "logit_scale": heads.logit_scale.detach().clone(),
-               "settings": asdict(settings),
+               "settings": settings.record(),
                "cache_fingerprint": c.fingerprint,
-               "cache": {k: str(c.attrs.get(k, "")) for k in ("model", "pretrained", "precision", "seed")},
-               "epoch": entry["epoch"], "val": entry["val"], "val_mean_recall": entry["val_mean_recall"]}
+               "cache": {k: str(c.attrs.get(k, "")) for k in CACHE_KEYS},
+               "epoch": entry["epoch"], "val": entry["val"], "val_mean_recall": entry["val_mean_recall"],
+               "interpolation": interpolation}
     with replacing(path) as tmp:
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path: Path, c: cache_mod.Cache | None = None) -> tuple[Heads, dict]:
-    """Load heads (``weights_only=True``: no code runs); refuse a checkpoint made from another cache."""
+def load_checkpoint(path: Path, c: cache_mod.Cache | None = None, log=None) -> tuple[Heads, dict]:
+    """Load heads (``weights_only=True``: no code runs); refuse a checkpoint made from another cache.
+
+    A checkpoint saved before interpolation existed holds the trained heads: it loads as alpha 1.
+    """
     path = Path(path)
     if not path.is_file():
         raise ProbeError(f"checkpoint not found: {path} (run `python cli.py probe` first)")
@@ -219,6 +302,10 @@ def load_checkpoint(path: Path, c: cache_mod.Cache | None = None) -> tuple[Heads
     if c is not None and ckpt["cache_fingerprint"] != c.fingerprint:
         raise ProbeError(f"checkpoint {path} was trained on cache {ckpt['cache_fingerprint']}, "
                          f"but {c.path} has fingerprint {c.fingerprint}")
+    if "interpolation" not in ckpt:
+        print(f"note: {path} was saved before interpolation existed; using its trained heads as they are "
+              "(alpha 1)", file=log or sys.stderr)
+        ckpt["interpolation"] = {"alpha": 1.0, "val_by_alpha": {}}
     return Heads(ckpt["visual_proj"], ckpt["text_projection"], ckpt["logit_scale"]), ckpt
 
 
@@ -263,10 +350,10 @@ def sweep(c: cache_mod.Cache, grid: list[ProbeSettings], out: Path, history_path
     log = log or sys.stderr
     runs, best = [], None  # best: (run index, result, its checkpoint file)
     for i, settings in enumerate(grid):
-        print(f"run {i + 1}/{len(grid)}: " + ", ".join(f"{k}={v}" for k, v in asdict(settings).items()), file=log)
+        print(f"run {i + 1}/{len(grid)}: " + ", ".join(f"{k}={v}" for k, v in settings.record().items()), file=log)
         candidate = Path(out).with_name(f"{Path(out).stem}.run{i}{Path(out).suffix}")
         result = train(c, settings, candidate, None, log=log)
-        runs.append({"settings": asdict(settings), "best_epoch": result["best_epoch"],
+        runs.append({"settings": settings.record(), "best_epoch": result["best_epoch"],
                      "val_mean_recall": result["val_mean_recall"], "val": result["val"],
                      "history": result["history"]})
         if best is None or result["val_mean_recall"] > best[1]["val_mean_recall"]:
