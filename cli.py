@@ -32,7 +32,7 @@ DEFAULT_RESULTS = Path("artifacts/final_evaluation_results.json")
 def _library_errors() -> tuple:
     """The error types the stage modules raise on purpose (extract/probe only if already imported)."""
     known = [data.DataError, cache_mod.CacheError, OSError]
-    for module, name in (("extract", "ExtractError"), ("probe", "ProbeError")):
+    for module, name in (("extract", "ExtractError"), ("model", "ModelError"), ("probe", "ProbeError")):
         if module in sys.modules:
             known.append(getattr(sys.modules[module], name))
     return tuple(known)
@@ -93,17 +93,22 @@ def _echo_caption_report(report: data.CaptionReport) -> None:
 # ---------------------------------------------------------------- extract
 
 @cli.command("extract")
-@click.option("--annotations", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--annotations", type=click.Path(dir_okay=False, path_type=Path),
               default=DEFAULT_ANNOTATIONS, show_default=True)
-@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path),
+@click.option("--images", type=click.Path(file_okay=False, path_type=Path),
               default=DEFAULT_IMAGES, show_default=True)
+@click.option("--shards", default=None, metavar="PATTERN",
+              help="instead of --annotations/--images: img2dataset tar shards ('data/{00000..00009}.tar', "
+                   "'data/*.tar') or its 'files' folder")
 @click.option("--cache", "cache_path", type=click.Path(dir_okay=False, path_type=Path),
               default=DEFAULT_CACHE, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["auto", *data.FORMATS]), default="auto", show_default=True)
-@click.option("--model", default="ViT-B-32", show_default=True, help="any open_clip model name")
+@click.option("--model", default="ViT-B-32", show_default=True,
+              help="an open_clip model name, or an open_clip model-config JSON file")
 @click.option("--pretrained", default="openai", show_default=True, help="an open_clip tag, a local FILE, or 'none'")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
-              help="fp32 is exact; bf16 halves the weights (fast where the CPU or GPU has it); fp16 on GPUs")
+@click.option("--precision", type=click.Choice(["fp32", "int8", "bf16", "fp16"]), default="fp32",
+              show_default=True, help="fp32 is exact; int8 is the fast CPU path; bf16 where the CPU or GPU has "
+              "it natively; fp16 on GPUs")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--text-batch-size", type=click.IntRange(min=1), default=64, show_default=True,
@@ -112,8 +117,9 @@ def _echo_caption_report(report: data.CaptionReport) -> None:
               help="image-decoding processes")
 @click.option("--seed", type=int, default=0, show_default=True, help="random-init seed for --pretrained none")
 @click.option("--strict", is_flag=True, help="exit non-zero, listing them, if any image failed")
+@click.pass_context
 @friendly_errors
-def extract_cmd(annotations, images, cache_path, fmt, model, pretrained, precision, device, batch_size,
+def extract_cmd(ctx, annotations, images, cache_path, shards, fmt, model, pretrained, precision, device, batch_size,
                 text_batch_size, workers, seed, strict):
     """Run the frozen trunks once and write pre-projection features to an HDF5 cache.
 
@@ -125,8 +131,17 @@ def extract_cmd(annotations, images, cache_path, fmt, model, pretrained, precisi
     --images data/flickr30k_images --cache cache/flickr30k.h5
     """
     import extract
-    settings = extract.ExtractSettings(annotations=annotations, images=images, cache=cache_path, model=model,
-                                       pretrained=pretrained, precision=precision, device=device,
+    given = {name for name in ("annotations", "images")
+             if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
+    if shards and given:
+        raise click.UsageError(f"--shards replaces --annotations and --images; drop --{' and --'.join(sorted(given))}")
+    if not shards:
+        if not annotations.is_file():
+            raise click.BadParameter(f"file {str(annotations)!r} does not exist", param_hint="'--annotations'")
+        if not images.is_dir():
+            raise click.BadParameter(f"folder {str(images)!r} does not exist", param_hint="'--images'")
+    settings = extract.ExtractSettings(annotations=annotations, images=images, cache=cache_path, shards=shards,
+                                       model=model, pretrained=pretrained, precision=precision, device=device,
                                        batch_size=batch_size, text_batch_size=text_batch_size, workers=workers,
                                        seed=seed, fmt=fmt, strict=strict)
     summary = extract.extract(settings)
@@ -177,6 +192,24 @@ class Values(click.ParamType):
         return values
 
 
+class Alphas(click.ParamType):
+    """A comma list of interpolation weights, e.g. ``0,0.25,0.5,0.75,1`` (one grid, not a sweep)."""
+    name = "alpha[,alpha...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            alphas = tuple(float(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            alphas = None
+        if not alphas:
+            self.fail(f"{value!r} is not a comma list of numbers in [0, 1]", param, ctx)
+        if any(not 0.0 <= a <= 1.0 for a in alphas):
+            self.fail(f"interpolation weights must lie in [0, 1], got {value!r}", param, ctx)
+        return alphas
+
+
 @cli.command("probe")
 @click.option("--cache", "cache_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=DEFAULT_CACHE, show_default=True)
@@ -190,7 +223,12 @@ class Values(click.ParamType):
 @click.option("--reg-to-init", type=Values(float), default=None,
               help="L2 penalty on the distance from the pretrained heads")
 @click.option("--train-logit-scale/--freeze-logit-scale", default=None, help="learn the temperature or keep it")
-@click.option("--batch-size", type=Values(int), default=None)
+@click.option("--batch-size", type=Values(int), default=None, help="distinct images per batch")
+@click.option("--loss", type=Values(str), default=None,
+              help="'single' (one random caption per image) or 'multi' (all of them as positives)")
+@click.option("--interpolate/--no-interpolate", default=None,
+              help="choose alpha*trained + (1-alpha)*pretrained heads on validation (WiSE-FT), or keep the trained")
+@click.option("--alphas", type=Alphas(), default=None, help="the interpolation grid  [default: 0,0.1,...,1]")
 @click.option("--epochs", type=click.IntRange(min=1), default=None)
 @click.option("--patience", type=click.IntRange(min=0), default=None)
 @click.option("--seed", type=int, default=None)
@@ -198,8 +236,10 @@ class Values(click.ParamType):
 def probe_cmd(cache_path, annotations, out, history, **options):
     """Train the two projection heads on the cached features, keeping the best on validation.
 
-    Comma lists (--lr 1e-4,3e-4,1e-3 --weight-decay 0,0.01) run the whole grid, choose by
-    validation recall only, keep the best checkpoint and record every run in --history.
+    After training, the saved heads are alpha * trained + (1 - alpha) * pretrained, with alpha
+    chosen on validation from --alphas (WiSE-FT): on validation the probe is never worse than
+    zero-shot. Comma lists (--lr 1e-4,3e-4,1e-3 --weight-decay 0,0.01) run the whole grid,
+    choose by validation recall only, keep the best checkpoint and record every run in --history.
 
     Example: python cli.py probe --cache cache/flickr30k.h5 --lr 1e-3,3e-3 --reg-to-init 0,1e-3
     """
@@ -228,13 +268,16 @@ def _train_and_report(c: cache_mod.Cache, settings, out: Path, history: Path) ->
     import probe
     import report
     result = probe.train(c, settings, out, history, log=sys.stdout)
-    click.echo(f"best epoch {result['best_epoch']}: val mean recall {result['val_mean_recall']:.2f}; "
-               f"saved {out}; history {history}")
+    mix = result["interpolation"]
+    click.echo(f"best epoch {result['best_epoch']}" + (f", interpolation alpha {mix['alpha']}" if mix else "")
+               + f": val mean recall {result['val_mean_recall']:.2f}; saved {out}; history {history}")
     click.echo(report.plot_history(result["history"], history.with_suffix(".png")))
 
 
-def _load_cache(cache_path: Path, annotations: Path | None) -> cache_mod.Cache:
+def _load_cache(cache_path: Path, annotations: Path | None = None) -> cache_mod.Cache:
     c = cache_mod.load(cache_path)
+    for note in c.notes:
+        click.echo(f"note: {note}", err=True)
     if annotations is not None:
         df, _ = data.read_annotations(annotations)
         c.image_split = data.apply_splits(c.image_names, data.assign_splits(df))
@@ -254,12 +297,21 @@ def _load_cache(cache_path: Path, annotations: Path | None) -> cache_mod.Cache:
 @click.option("--baseline-only", is_flag=True, help="evaluate the pretrained heads alone")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_RESULTS, show_default=True)
 @friendly_errors
-def eval_cmd(cache_path, split, annotations, checkpoint, baseline_only, out):
-    """Recall@1/5/10 both ways on a split: pretrained heads beside the probed ones.
+@click.pass_context
+def eval_cmd(ctx, cache_path, split, annotations, checkpoint, baseline_only, out):
+    """Recall@1/5/10 both ways on a split: pretrained (zero-shot) heads beside the probed ones.
+
+    Before any probe (no checkpoint at the default path) it reports zero-shot alone.
 
     Example: python cli.py eval --cache cache/flickr30k.h5 --split test
     """
-    _evaluate_and_report(_load_cache(cache_path, annotations), split, None if baseline_only else checkpoint, out)
+    c = _load_cache(cache_path, annotations)
+    if not baseline_only and not checkpoint.exists() \
+            and ctx.get_parameter_source("checkpoint") == click.core.ParameterSource.DEFAULT:
+        click.echo(f"note: no probe checkpoint at {checkpoint} yet (run `python cli.py probe`); "
+                   "reporting the pretrained zero-shot heads alone")
+        baseline_only = True
+    _evaluate_and_report(c, split, None if baseline_only else checkpoint, out)
 
 
 def _evaluate_and_report(c: cache_mod.Cache, split: str, checkpoint: Path | None, out: Path) -> None:
@@ -272,7 +324,7 @@ def _evaluate_and_report(c: cache_mod.Cache, split: str, checkpoint: Path | None
     click.echo(report.plot_recalls(result, out.with_suffix(".png")))
 
 
-def format_results(r: dict, names=("baseline", "probe")) -> str:
+def format_results(r: dict, names=("zero-shot", "probe")) -> str:
     cols = [(names[0], r["baseline"])] + ([(names[1], r["probe"])] if "probe" in r else [])
     head = f"{r['split']}: {r['n_images']} images, {r['n_captions']} captions"
     lines = [head, f"{'':26}" + "".join(f"{name:>10}" for name, _ in cols) + ("     delta" if len(cols) > 1 else "")]
@@ -303,7 +355,7 @@ def compare_cmd(cache_path, split, a, b, out):
     Example: python cli.py compare --cache cache/flickr30k.h5 --a baseline --b checkpoints/linearprobe_best.pt
     """
     import probe
-    result = probe.compare(cache_mod.load(cache_path), split, a, b)
+    result = probe.compare(_load_cache(cache_path), split, a, b)
     probe.write_json_atomic(out, result)
     click.echo(format_results({"split": split, "n_images": result["n_images"], "n_captions": result["n_captions"],
                                "baseline": result["a"], "probe": result["b"]}, names=("a", "b")))
@@ -311,20 +363,48 @@ def compare_cmd(cache_path, split, a, b, out):
 
 
 @cli.command("export")
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=DEFAULT_CHECKPOINT, show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help=f"probe checkpoint (default: {DEFAULT_CHECKPOINT} for --out; the zero-shot heads for --embeddings)")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="write an open_clip checkpoint with the probed heads in place")
+@click.option("--cache", "cache_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="the cache whose embeddings --embeddings writes")
+@click.option("--embeddings", "embeddings_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="write L2-normalised float16 embeddings and Parquet metadata in clip-retrieval's layout")
 @friendly_errors
-def export_cmd(checkpoint, out):
-    """Write an open_clip checkpoint: the original weights with the probed heads in place.
+def export_cmd(checkpoint, out, cache_path, embeddings_dir):
+    """Take the result elsewhere: an open_clip checkpoint, or embeddings for an index.
+
+    --out FILE writes the original model's weights with the probed heads in place, for open_clip.
+    --embeddings DIR (with --cache) writes every image's and caption's projected, L2-normalised
+    embedding as float16 .npy files plus Parquet metadata, in the folders clip-retrieval's index
+    step reads (img_emb/, text_emb/, metadata/), with the zero-shot heads or --checkpoint's.
 
     Example: python cli.py export --checkpoint checkpoints/linearprobe_best.pt --out clip_probed.pt
     """
-    import extract
     import probe
-    _, ckpt = probe.load_checkpoint(checkpoint)
-    arch = extract.export(ckpt, out)
-    click.echo(f"wrote {out}; load it with open_clip.create_model_and_transforms({arch!r}, pretrained={str(out)!r})")
+    if (out is None) == (embeddings_dir is None):
+        raise click.UsageError("give --out FILE (an open_clip checkpoint) or --embeddings DIR (with --cache)")
+    if embeddings_dir is not None:
+        import embeddings
+        if cache_path is None:
+            raise click.UsageError("--embeddings needs --cache: the cache whose embeddings to write")
+        c = _load_cache(cache_path)
+        if checkpoint is None:
+            heads, source = probe.Heads.from_cache(c), {"heads": "zero-shot (the cache's pretrained heads)"}
+        else:
+            heads, ckpt = probe.load_checkpoint(checkpoint, c)
+            source = {"heads": str(checkpoint), "interpolation": ckpt["interpolation"]}
+        record = embeddings.write(c, heads.visual_proj, heads.text_projection, embeddings_dir, source)
+        click.echo(f"wrote {record['images']} image and {record['captions']} text embeddings "
+                   f"({record['dim']}-d float16) with metadata to {embeddings_dir}")
+        return
+    import extract
+    _, ckpt = probe.load_checkpoint(checkpoint or DEFAULT_CHECKPOINT)
+    arch, config = extract.export(ckpt, out)
+    register = f"open_clip.add_model_config({str(config)!r}); " if config else ""
+    click.echo(f"wrote {out}; load it with {register}open_clip.create_model_and_transforms({arch!r}, "
+               f"pretrained={str(out)!r})")
 
 
 # ---------------------------------------------------------------- search
@@ -347,12 +427,12 @@ def search_cmd(query, cache_path, checkpoint, k, split, images, html_path):
 
     Example: python cli.py search --cache cache/flickr30k.h5 "a dog running on a beach" --k 10 --html dog.html
     """
-    import extract
+    import model
     import probe
     import report
-    c = cache_mod.load(cache_path)
+    c = _load_cache(cache_path)
     heads = probe.load_checkpoint(checkpoint, c)[0] if checkpoint else probe.Heads.from_cache(c)
-    hits = probe.search(c, heads, extract.encode_queries(c.attrs, [query])[0], k, split)
+    hits = probe.search(c, heads, model.encode_queries(c.attrs, [query])[0], k, split)
     for h in hits:
         click.echo(f"{h['rank']:>3}  {h['score']:.4f}  {h['image']}  {h['captions'][0] if h['captions'] else ''}")
     if html_path:
@@ -364,32 +444,52 @@ def search_cmd(query, cache_path, checkpoint, k, split, images, html_path):
 
 # ---------------------------------------------------------------- demo
 
+PROJECT = Path(__file__).resolve().parent
+SMALL_CLIP = (PROJECT / "pretrained" / "ShapesCLIP.json", PROJECT / "pretrained" / "ShapesCLIP.pt")
+
+
 @cli.command()
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("data/demo"), show_default=True)
-@click.option("--images", "n_images", type=click.IntRange(min=20), default=600, show_default=True)
+@click.option("--images", "n_images", type=click.IntRange(min=20), default=3000, show_default=True)
+@click.option("--model", "which", type=click.Choice(["small-pretrained", "random-vit-b-32"]),
+              default="small-pretrained", show_default=True,
+              help="the project's small pretrained CLIP on a shifted world, or a random-init ViT-B/32")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True)
 @friendly_errors
-def demo(root, n_images, seed, workers):
-    """Generate a captioned-shapes dataset and run extract, probe and eval on it, offline.
+def demo(root, n_images, which, seed, workers):
+    """Extract, probe and evaluate on a generated collection, offline, in a few minutes.
 
-    The trunks are a random-init ViT-B/32 (no weights can be downloaded offline), so the
-    baseline is at chance; the probe shows how much the heads alone can learn.
+    By default: the project's small CLIP (pretrained/ShapesCLIP.*, trained by pretrain.py on
+    flat-background shapes with templated captions) adapted to a shifted "target world":
+    textured, noisy JPEGs of other sizes, captioned in sentences with words it never saw.
+    Zero-shot works there, but not well; the probe adapts the two heads.
+    With --model random-vit-b-32: the real ViT-B/32 architecture, randomly initialised, whose
+    zero-shot is at chance (it shows how much the heads alone can learn, nothing more).
 
     Example: python cli.py demo
     """
     import extract
     import probe
-    annotations = data.make_demo_dataset(root, n_images=n_images, seed=seed)
-    click.echo(f"demo dataset: {n_images} images, 5 captions each, in {root}")
-    cache_path = Path("cache") / f"demo_{n_images}_ViT-B-32_none_fp32.h5"
-    summary = extract.extract(extract.ExtractSettings(
-        annotations=annotations, images=root / "images", cache=cache_path, pretrained="none", seed=seed,
-        workers=workers))
+    import worlds
+    if which == "small-pretrained":
+        world, size, (config, weights) = "target", 64, SMALL_CLIP
+        model_args = dict(model=str(config), pretrained=str(weights))
+        click.echo("model: the project's small CLIP, pretrained on the source world (pretrained/ShapesCLIP.*)")
+    else:
+        world, size, model_args = "source", 160, dict(model="ViT-B-32", pretrained="none", seed=seed)
+        click.echo("model: ViT-B/32 with random weights (zero-shot is at chance)")
+    annotations = worlds.make_dataset(root / world, world, n_images=n_images, seed=seed, size=size)
+    click.echo(f"demo dataset: {n_images} {world}-world images, 5 captions each, in {root / world}")
+    cache_path = Path("cache") / f"demo_{world}_{n_images}_{which}_fp32.h5"
+    summary = extract.extract(extract.ExtractSettings(annotations=annotations, images=root / world / "images",
+                                                      cache=cache_path, workers=workers, **model_args))
     _echo_extract_summary(summary)
-    c = cache_mod.load(cache_path)
+    c = _load_cache(cache_path)
     _train_and_report(c, probe.ProbeSettings(seed=seed), DEFAULT_CHECKPOINT, DEFAULT_HISTORY)
     _evaluate_and_report(c, "test", DEFAULT_CHECKPOINT, DEFAULT_RESULTS)
+    click.echo(f"search it: python cli.py search --cache {cache_path} \"a red circle\" "
+               f"--checkpoint {DEFAULT_CHECKPOINT} --html artifacts/search.html")
 
 
 if __name__ == "__main__":

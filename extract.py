@@ -7,15 +7,10 @@ heads equal open_clip's ``encode_image`` / ``encode_text`` (tests prove it).
 """
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
-import socket
 import sys
 import time
-import zipfile
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,178 +22,35 @@ from tqdm import tqdm
 
 import cache as cache_mod
 import data
+import model as model_mod
+import shards
 from atomic import replacing
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ExtractError(RuntimeError):
     """Extraction cannot start or finish; the message says what to do."""
 
 
-# ---------------------------------------------------------------- model loading
-
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module       # the whole CLIP model, heads still in place
-    preprocess: object           # open_clip's eval transform (PIL -> tensor)
-    tokenizer: object
-    arch: str                    # the open_clip model name that rebuilds this architecture
-    pretrained: str              # 'none', a tag, or 'file:<abs path>'
-    description: str             # what the user is told was loaded
-
-
-def _is_torchscript(path: Path) -> bool:
-    """OpenAI's own .pt files are TorchScript archives; open_clip's state-dict loader refuses them."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
-
-
-def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+def native_bf16() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX)."""
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _load_tag(name: str, tag: str):
-    cfg = open_clip.get_pretrained_cfg(name, tag)
-    if not cfg:
-        raise ExtractError(f"unknown pretrained tag {tag!r} for {name}; known tags: "
-                           f"{open_clip.list_pretrained_tags_by_model(name)}; or pass a local FILE or 'none'")
-    if not _hub_reachable():
-        # No network: let huggingface_hub serve its local cache without ~1 min of retries.
-        import huggingface_hub.constants as hf_constants
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        hf_constants.HF_HUB_OFFLINE = True
-    # OpenAI's weights were trained with QuickGELU; the plain 'ViT-B-32' config uses GELU.
-    quick = bool(cfg.get("quick_gelu")) and not name.endswith("-quickgelu")
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, force_quick_gelu=quick)
-    except RuntimeError as exc:
-        raise ExtractError(f"could not get the {tag!r} weights for {name} ({str(exc).splitlines()[0][:160]}); "
-                           "offline, pass --pretrained FILE (a local checkpoint) or --pretrained none") from None
-    arch = name + "-quickgelu" if quick else name
-    return model, preprocess, arch
-
-
-def _load_file(name: str, path: Path):
-    if _is_torchscript(path):
-        # The way open_clip loads OpenAI's archives: rebuild from the state dict, with QuickGELU.
-        model = open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
-        _check_same_architecture(model, name, path)
-        preprocess = open_clip.image_transform(model.visual.image_size, is_train=False,
-                                               mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD)
-        arch = name if name.endswith("-quickgelu") else name + "-quickgelu"
-        return model, preprocess, arch
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(path))
-    except (RuntimeError, KeyError, ValueError) as exc:
-        raise ExtractError(f"cannot load {path} into {name}: {str(exc).splitlines()[0][:200]}") from None
-    return model, preprocess, name
-
-
-def _check_same_architecture(model: torch.nn.Module, name: str, path: Path) -> None:
-    with _quiet():
-        ref = open_clip.create_model(name, pretrained=None)
-    want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if want != got:
-        diff = sorted(set(want.items()) ^ set(got.items()))[:2]
-        raise ExtractError(f"{path} is not a {name} checkpoint (first differences: {diff}); pass the matching --model")
-
-
-@contextmanager
-def _quiet():
-    """open_clip logs a warning for every random init; the caller says what was loaded instead."""
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def load_model(name: str = "ViT-B-32", pretrained: str = "openai", seed: int = 0) -> LoadedModel:
-    """``pretrained``: an open_clip tag ('openai'), a local checkpoint FILE, or 'none' (seeded random init)."""
-    if name not in open_clip.list_models():
-        raise ExtractError(f"unknown model {name!r}; open_clip knows e.g. ViT-B-32, ViT-B-32-quickgelu, ViT-B-16")
-    if pretrained == "none":
-        torch.manual_seed(seed)
-        with _quiet():
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
-        arch, tag, desc = name, "none", f"{name}, random init (seed {seed}): features carry no pretrained knowledge"
-    elif Path(pretrained).is_file():
-        path = Path(pretrained).resolve()
-        model, preprocess, arch = _load_file(name, path)
-        tag, desc = f"file:{path}", f"{arch} from {path}"
-    elif os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
-        raise ExtractError(f"pretrained file not found: {pretrained}")
-    else:
-        model, preprocess, arch = _load_tag(name, pretrained)
-        tag, desc = pretrained, f"{arch}, pretrained={pretrained}"
-    model.eval().requires_grad_(False)
-    return LoadedModel(model, preprocess, open_clip.get_tokenizer(name), arch, tag, desc)
-
-
-# ---------------------------------------------------------------- trunks
-
-def take_heads(model: torch.nn.Module) -> dict:
-    """Copy the heads out (fp32 numpy) and remove them, so the towers return pre-projection features."""
-    heads = {"visual_proj": model.visual.proj.detach().float().cpu().numpy().copy(),
-             "text_projection": model.text_projection.detach().float().cpu().numpy().copy(),
-             "logit_scale": np.float32(model.logit_scale.detach().float().cpu().item())}
-    model.visual.proj = None
-    model.text_projection = None
-    return heads
-
-
-@torch.no_grad()
-def image_features(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """ln_post output at the class token (the model's heads must have been taken out)."""
-    assert model.visual.proj is None, "take_heads(model) first"
-    dtype = next(model.visual.parameters()).dtype
-    return model.visual(pixels.to(dtype)).float()
-
-
-@torch.no_grad()
-def text_features(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """ln_final output at the EOT token, running only as many positions as the longest caption needs.
-
-    Exact, not approximate: the causal mask means position i attends to positions
-    <= i only, so the padding after a caption's EOT never reaches the EOT's
-    features. Trimming the context to the batch's longest caption (and slicing the
-    positional embedding and mask to match) just skips work on padding.
-    """
-    eot = tokens.argmax(dim=-1)  # EOT has the largest id in CLIP's vocabulary
-    n = int(eot.max()) + 1
-    cast = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens[:, :n]).to(cast) + model.positional_embedding[:n].to(cast)
-    x = model.transformer(x, attn_mask=model.attn_mask[:n, :n])
-    x = model.ln_final(x)
-    return x[torch.arange(x.shape[0]), eot].float()
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: torch's own report is the best there is
+        return "AVX512" in torch.backends.cpu.get_cpu_capability()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # ---------------------------------------------------------------- the run
 
 @dataclass(frozen=True)
 class ExtractSettings:
-    annotations: Path
-    images: Path                  # image root; annotation names are relative to it
+    annotations: Path | None      # the annotations file (unless shards)
+    images: Path | None           # image root; annotation names are relative to it (unless shards)
     cache: Path
+    shards: str | None = None     # instead of both: img2dataset tar shards (pattern) or its 'files' folder
     model: str = "ViT-B-32"
     pretrained: str = "openai"    # tag, FILE or 'none'
-    precision: str = "fp32"       # fp32 (exact), bf16 (trunk weights in bfloat16) or fp16 (GPU only)
+    precision: str = "fp32"       # fp32 (exact), int8 (CPU), bf16 (trunk weights in bfloat16), fp16 (GPU)
     device: str = "cpu"
     batch_size: int = 64          # images per trunk call
     text_batch_size: int = 64     # captions per trunk call (sorted by length inside a window)
@@ -228,15 +80,15 @@ class ExtractSummary:
 class _ImageRows(Dataset):
     """Decodes and preprocesses images by row, in worker processes. A failure is returned, not raised."""
 
-    def __init__(self, root: Path, names, preprocess):
-        self.root, self.names, self.preprocess = root, list(names), preprocess
+    def __init__(self, source, names, preprocess):
+        self.source, self.names, self.preprocess = source, list(names), preprocess
 
     def __len__(self):
         return len(self.names)
 
     def __getitem__(self, i):
         try:
-            return i, self.preprocess(data.load_image(self.root / self.names[i])), ""
+            return i, self.preprocess(self.source.open(self.names[i])), ""
         except data.ImageLoadError as exc:
             return i, None, str(exc)
 
@@ -312,10 +164,10 @@ class Team:
             self.dist.barrier()
 
 
-def run_images(model, preprocess, writer, names, settings: ExtractSettings, todo: list, team: Team, log):
+def run_images(model, preprocess, writer, names, source, settings: ExtractSettings, todo: list, team: Team, log):
     """Image batches are fixed row ranges, so a resumed or split run computes exactly the same batches."""
     mine, rounds = team.mine(todo)
-    ds = _ImageRows(settings.images, names, preprocess)
+    ds = _ImageRows(source, names, preprocess)
     loader = iter(DataLoader(ds, batch_sampler=[list(range(s, e)) for s, e in mine], collate_fn=_collate,
                              num_workers=settings.workers, worker_init_fn=_worker_init if settings.workers else None,
                              prefetch_factor=4 if settings.workers else None))
@@ -326,7 +178,7 @@ def run_images(model, preprocess, writer, names, settings: ExtractSettings, todo
             batch = next(loader, None)
             if batch is not None:
                 rows, pixels, ok, errors = batch
-                feats = image_features(model, pixels.to(team.device)).cpu().numpy() if pixels is not None else None
+                feats = model_mod.image_features(model, pixels.to(team.device)).cpu().numpy() if pixels is not None else None
                 item = (rows[0], feats, ok, errors)
             for got in team.gather(item):
                 if got is not None:
@@ -344,7 +196,8 @@ def encode_window(model, tokens: torch.Tensor, batch_size: int, device) -> torch
     out = torch.empty(len(tokens), model.ln_final.normalized_shape[0])
     for s, e in batches(len(order), batch_size):
         idx = order[s:e]
-        out[idx] = text_features(model, tokens[idx].to(device)).cpu()
+        with torch.no_grad():
+            out[idx] = model_mod.text_features(model, tokens[idx].to(device)).cpu()
     return out
 
 
@@ -376,8 +229,20 @@ def run_texts(model, tokenizer, writer, captions, settings: ExtractSettings, tod
     return truncated
 
 
-def _prepare_rows(settings: ExtractSettings, log):
+def _read_collection(settings: ExtractSettings, notes: list):
+    """(caption rows, caption report, image source) from annotations + image folder, or from shards."""
+    if settings.shards:
+        df, report, shard_report, source = shards.read_shards(settings.shards)
+        notes += shard_report.notes
+        notes += [f"left out {n} {why}" for why, n in sorted(shard_report.skipped.items())]
+        return df, report, source
+    if not settings.images.is_dir():
+        raise ExtractError(f"image folder not found: {settings.images}")
     df, report = data.read_annotations(settings.annotations, settings.fmt)
+    return df, report, data.FolderImages(settings.images)
+
+
+def _prepare_rows(df, log):
     if df["split"].isna().any():
         print("annotations have no split column: assigning a seeded 80/10/10 split by image "
               "(run `cli.py splits` to choose another)", file=log)
@@ -385,7 +250,7 @@ def _prepare_rows(settings: ExtractSettings, log):
     names = list(dict.fromkeys(df["image"]))  # first-appearance order
     row_of = {n: i for i, n in enumerate(names)}
     splits = df.drop_duplicates("image").set_index("image").loc[names, "split"].to_numpy(dtype=object)
-    return df, report, names, splits, df["image"].map(row_of).to_numpy(np.int64)
+    return df, names, splits, df["image"].map(row_of).to_numpy(np.int64)
 
 
 def _open_or_create(settings: ExtractSettings, attrs: dict, create_args: dict, notes: list, log):
@@ -418,6 +283,7 @@ def extract(settings: ExtractSettings, log=None) -> ExtractSummary:
 
     The cache is locked for the whole run, so a second extract on it fails at once.
     """
+    _check(settings)
     team = Team(settings.device)
     if not team.writer:
         return _extract(settings, team, open(os.devnull, "w"))
@@ -425,31 +291,40 @@ def extract(settings: ExtractSettings, log=None) -> ExtractSummary:
         return _extract(settings, team, log or sys.stderr)
 
 
+def _check(settings: ExtractSettings) -> None:
+    """Settings that cannot work together, refused before anything is loaded."""
+    if settings.precision not in model_mod.PRECISIONS:
+        raise ExtractError(f"unknown precision {settings.precision!r}; choose one of {list(model_mod.PRECISIONS)}")
+    if settings.precision == "fp16" and settings.device != "cuda":
+        raise ExtractError("--precision fp16 is for --device cuda; on a CPU use fp32 (exact), or int8 (faster)")
+    if settings.precision == "int8" and settings.device != "cpu":
+        raise ExtractError("--precision int8 is the CPU path; on a GPU use bf16 or fp16")
+
+
 def _extract(settings: ExtractSettings, team: Team, log) -> ExtractSummary:
     t0 = time.perf_counter()
-    if settings.precision not in PRECISIONS:
-        raise ExtractError(f"unknown precision {settings.precision!r}; choose fp32, bf16 or fp16")
-    if settings.precision == "fp16" and team.device.type != "cuda":
-        raise ExtractError("--precision fp16 is for --device cuda; on a CPU use fp32 (exact) or bf16")
-    if not settings.images.is_dir():
-        raise ExtractError(f"image folder not found: {settings.images}")
-    df, report, names, splits, image_index = _prepare_rows(settings, log)
+    notes: list = []
+    df, report, source = _read_collection(settings, notes)
+    df, names, splits, image_index = _prepare_rows(df, log)
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    if settings.precision == "bf16" and team.device.type == "cpu" \
-            and "AVX512" not in torch.backends.cpu.get_cpu_capability():
+    if settings.precision == "bf16" and team.device.type == "cpu" and not native_bf16():
         print(f"warning: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bfloat16 matrix "
-              "instructions; bf16 will be slower than fp32 here (see `make bench`)", file=log)
-    loaded = load_model(settings.model, settings.pretrained, settings.seed)
+              "instructions, so bf16 is several times slower than fp32 here; use --precision int8 for speed "
+              "(see `make bench`)", file=log)
+    loaded = model_mod.load_model(settings.model, settings.pretrained, settings.seed)
     print(f"model: {loaded.description}" + (f" on {team.world} processes" if team.world > 1 else ""), file=log)
-    heads = take_heads(loaded.model)
-    model = loaded.model.to(device=team.device, dtype=PRECISIONS[settings.precision])
+    heads = model_mod.take_heads(loaded.model)
+    model = model_mod.prepare(loaded.model, settings.precision, team.device)
+    if settings.precision == "int8":
+        print("int8: torch.compile builds the int8 trunks on the first batch of each (a minute or so, once)",
+              file=log)
     if team.device.type == "cuda" and settings.precision == "fp32":
         # cuDNN convolutions default to TF32 (10-bit mantissa); fp32 must stay exact.
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     summary = ExtractSummary(cache=settings.cache, model=loaded.description, captions_dropped=dict(report.dropped),
-                             captions_non_ascii=report.non_ascii)
+                             captions_non_ascii=report.non_ascii, notes=notes)
     if report.recovered_lines:
         summary.notes.append(f"recovered Kaggle rows with a missing separator at line(s) {report.recovered_lines}")
     captions = df["caption"].to_numpy(dtype=object)
@@ -466,7 +341,7 @@ def _extract(settings: ExtractSettings, team: Team, log) -> ExtractSummary:
     plan = team.share(plan)
     if plan is not None:
         try:
-            run_images(model, loaded.preprocess, writer, names, settings, plan[0], team, log)
+            run_images(model, loaded.preprocess, writer, names, source, settings, plan[0], team, log)
             summary.captions_truncated = run_texts(model, loaded.tokenizer, writer, captions, settings, plan[1],
                                                    team, log)
             if writer is not None:
@@ -480,13 +355,16 @@ def _extract(settings: ExtractSettings, team: Team, log) -> ExtractSummary:
     return summary
 
 
-def _identity(settings: ExtractSettings, loaded: LoadedModel, df) -> dict:
+def _identity(settings: ExtractSettings, loaded: model_mod.LoadedModel, df) -> dict:
     attrs = {"model": loaded.arch, "pretrained": loaded.pretrained, "precision": settings.precision,
              "seed": settings.seed if loaded.pretrained == "none" else -1,
-             "annotations_sha256": data.annotations_sha256(df), "image_root": str(settings.images.resolve()),
+             "annotations_sha256": data.annotations_sha256(df),
+             "image_root": shards.describe(settings.shards) if settings.shards else str(settings.images.resolve()),
              "open_clip_version": open_clip.__version__, "torch_version": torch.__version__}
+    if loaded.config:  # a model from a config file: the cache carries the config, so it rebuilds anywhere
+        attrs["model_config"] = loaded.config
     if loaded.pretrained.startswith("file:"):
-        attrs["pretrained_sha256"] = file_sha256(Path(loaded.pretrained[5:]))
+        attrs["pretrained_sha256"] = model_mod.file_sha256(Path(loaded.pretrained[5:]))
     return attrs
 
 
@@ -508,36 +386,25 @@ def _summarise(summary: ExtractSummary, path: Path) -> None:
 
 # ---------------------------------------------------------------- export
 
-def load_like_cache(info: dict) -> LoadedModel:
-    """Rebuild the model a cache was made with, from its recorded model, pretrained and seed."""
-    pretrained = str(info["pretrained"])
-    pretrained = pretrained[5:] if pretrained.startswith("file:") else pretrained
-    loaded = load_model(str(info["model"]), pretrained, seed=max(int(info.get("seed") or 0), 0))
-    if loaded.arch != info["model"]:
-        raise ExtractError(f"rebuilt {loaded.arch}, but the cache was made with {info['model']}")
-    return loaded
-
-
-def encode_queries(info: dict, queries: list[str]) -> np.ndarray:
-    """Pre-projection features of free-text queries, from the same trunk and precision as the cache."""
-    loaded = load_like_cache(info)
-    take_heads(loaded.model)
-    model = loaded.model.to(PRECISIONS[str(info.get("precision", "fp32"))])
-    return text_features(model, loaded.tokenizer(queries)).numpy()
-
-
-def export(checkpoint: dict, out: Path) -> str:
+def export(checkpoint: dict, out: Path) -> tuple[str, Path | None]:
     """Write an open_clip checkpoint: the original weights with the probed heads put back.
 
-    ``checkpoint`` is a probe checkpoint (as loaded by probe.load_checkpoint); the
-    original model is rebuilt from what it records of its cache. Returns the open_clip
-    model name that loads the file (``create_model_and_transforms(name, pretrained=out)``).
+    ``checkpoint`` is a probe checkpoint (as loaded by probe.load_checkpoint); the original
+    model is rebuilt from what it records of its cache. Returns the open_clip model name that
+    loads the file (``create_model_and_transforms(name, pretrained=out)``) and, for a model
+    built from a config file, the copy of that config written beside ``out`` (register it first).
     """
-    model = load_like_cache(checkpoint["cache"]).model
+    model = model_mod.load_like_cache(checkpoint["cache"]).model
     with torch.no_grad():
         model.visual.proj.copy_(checkpoint["visual_proj"])
         model.text_projection.copy_(checkpoint["text_projection"])
         model.logit_scale.copy_(checkpoint["logit_scale"].reshape(model.logit_scale.shape))
     with replacing(out) as tmp:
         torch.save({k: v.float() for k, v in model.state_dict().items()}, tmp)
-    return str(checkpoint["cache"]["model"])
+    arch, config = str(checkpoint["cache"]["model"]), checkpoint["cache"].get("model_config")
+    if not config:
+        return arch, None
+    config_path = Path(out).with_name(f"{arch}.json")
+    with replacing(config_path) as tmp:
+        tmp.write_text(config)
+    return arch, config_path

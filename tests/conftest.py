@@ -8,14 +8,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cache  # noqa: E402
-import data  # noqa: E402
+import worlds  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def shapes(tmp_path_factory):
     """24 generated images (64 px) with 5 captions each, split 80/10/10: (annotations CSV, image root)."""
     root = tmp_path_factory.mktemp("shapes")
-    annotations = data.make_demo_dataset(root, n_images=24, seed=3, size=64)
+    annotations = worlds.make_dataset(root, "source", n_images=24, seed=3, size=64)
     return annotations, root / "images"
 
 
@@ -34,8 +34,8 @@ def extracted(shapes, tmp_path_factory):
 @pytest.fixture(scope="session")
 def reference_model():
     """An untouched model with the same seed as the extraction: open_clip's own encode_* is the reference."""
-    import extract
-    return extract.load_model("ViT-B-32", "none", seed=0)
+    import model as model_mod
+    return model_mod.load_model("ViT-B-32", "none", seed=0)
 
 
 def make_synthetic_cache(path, n_images=200, caps_per_image=5, d_img=48, d_txt=40, embed=16, seed=0,
@@ -73,3 +73,39 @@ def make_synthetic_cache(path, n_images=200, caps_per_image=5, d_img=48, d_txt=4
 @pytest.fixture
 def synthetic_cache(tmp_path):
     return make_synthetic_cache(tmp_path / "synthetic.h5")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_CLIP = (ROOT / "pretrained" / "ShapesCLIP.json", ROOT / "pretrained" / "ShapesCLIP.pt")
+
+
+@pytest.fixture(scope="session")
+def target_world(tmp_path_factory):
+    """The demo's shifted world, exactly (3,000 images, seed 0): (annotations CSV, image root, scenes)."""
+    import pandas as pd
+    root = tmp_path_factory.mktemp("target")
+    annotations = worlds.make_dataset(root, "target", n_images=3000, seed=0)
+    return annotations, root / "images", pd.read_csv(root / "scenes.csv")
+
+
+@pytest.fixture(scope="session")
+def small_extracted(target_world, tmp_path_factory):
+    """The target world extracted with the project's small pretrained CLIP (a model that has learned)."""
+    import extract
+    annotations, images, _ = target_world
+    path = tmp_path_factory.mktemp("small") / "target.h5"
+    settings = extract.ExtractSettings(annotations=annotations, images=images, cache=path,
+                                       model=str(SMALL_CLIP[0]), pretrained=str(SMALL_CLIP[1]), workers=0)
+    extract.extract(settings, log=open("/dev/null", "w"))
+    return settings
+
+
+@pytest.fixture(scope="session")
+def small_probed(small_extracted, tmp_path_factory):
+    """The probe with its defaults on that cache: (checkpoint path, train() result)."""
+    import io
+
+    import probe
+    out = tmp_path_factory.mktemp("small_probe") / "probe.pt"
+    result = probe.train(cache.load(small_extracted.cache), probe.ProbeSettings(), out, log=io.StringIO())
+    return out, result

@@ -65,11 +65,19 @@ def test_extract_probe_eval(run, shapes, tmp_path):
 
 
 def test_demo_runs_end_to_end(run):
-    r = run("demo", "--images", 30, "--workers", 0)
+    r = run("demo", "--images", 60, "--workers", 0)
     assert r.exit_code == 0, r.output
-    assert "baseline" in r.output and "probe" in r.output
-    assert Path("artifacts/final_evaluation_results.json").is_file()
-    assert len(pd.read_csv("data/demo/annotations.csv")) == 150
+    assert "small CLIP" in r.output and "zero-shot" in r.output and "probe" in r.output
+    results = json.loads(Path("artifacts/final_evaluation_results.json").read_text())
+    assert results["cache"]["model"] == "ShapesCLIP" and "probe" in results
+    assert len(pd.read_csv("data/demo/target/annotations.csv")) == 300
+
+
+def test_demo_keeps_the_random_vit_option(run):
+    r = run("demo", "--model", "random-vit-b-32", "--images", 20, "--workers", 0)
+    assert r.exit_code == 0, r.output
+    results = json.loads(Path("artifacts/final_evaluation_results.json").read_text())
+    assert results["cache"]["model"] == "ViT-B-32" and results["cache"]["pretrained"] == "none"
 
 
 def test_errors_are_one_line_and_nonzero(run, tmp_path):

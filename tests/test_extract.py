@@ -9,6 +9,8 @@ from PIL import Image
 import cache
 import data
 import extract
+import model as model_mod
+import worlds
 
 LONG = " ".join(["a dog runs across the green grass toward a red ball"] * 12)  # ~130 tokens, truncated
 
@@ -35,25 +37,25 @@ def test_cached_features_times_heads_equal_encode(extracted, reference_model):
 
 def test_bucketed_text_equals_encode_text_for_all_lengths(reference_model):
     model = copy.deepcopy(reference_model.model)
-    heads = extract.take_heads(model)
+    heads = model_mod.take_heads(model)
     captions = ["dog", "a man in a red shirt climbs a rock wall", LONG, "two children play .", "x " * 74, "é café 北京"]
     tokens = reference_model.tokenizer(captions)
     assert tokens[2].ne(0).sum() == 77  # the long caption fills the context after truncation
     with torch.no_grad():
         want = reference_model.model.encode_text(tokens)
-    got = extract.text_features(model, tokens) @ torch.from_numpy(heads["text_projection"])
+    got = model_mod.text_features(model, tokens) @ torch.from_numpy(heads["text_projection"])
     assert rel_err(got, want) < 1e-5
 
 
 def test_trimming_the_context_is_exact_because_the_mask_is_causal(reference_model):
     """A short caption gives the same features alone (context trimmed to its length) as in a batch padded to 77."""
     model = copy.deepcopy(reference_model.model)
-    extract.take_heads(model)
+    model_mod.take_heads(model)
     tokens = reference_model.tokenizer(["a small cat", LONG])
     n = int(tokens[0].argmax()) + 1
     with torch.no_grad():
-        alone = extract.text_features(model, tokens[:1])            # runs only n positions
-        padded = extract.text_features(model, tokens)[:1]             # runs all 77 positions
+        alone = model_mod.text_features(model, tokens[:1])            # runs only n positions
+        padded = model_mod.text_features(model, tokens)[:1]             # runs all 77 positions
     assert n < 10
     assert rel_err(alone, padded) < 1e-5
     # And the padding really is ignored: changing tokens after the EOT changes nothing.
@@ -67,25 +69,25 @@ def test_trimming_the_context_is_exact_because_the_mask_is_causal(reference_mode
 
 def test_image_features_equal_encode_image_on_random_pixels(reference_model):
     model = copy.deepcopy(reference_model.model)
-    heads = extract.take_heads(model)
+    heads = model_mod.take_heads(model)
     x = torch.randn(3, 3, 224, 224)
     with torch.no_grad():
         want = reference_model.model.encode_image(x)
-    got = extract.image_features(model, x) @ torch.from_numpy(heads["visual_proj"])
+    got = model_mod.image_features(model, x) @ torch.from_numpy(heads["visual_proj"])
     assert rel_err(got, want) < 1e-5
 
 
 def test_random_init_is_seeded():
-    a = extract.load_model("ViT-B-32", "none", seed=7).model.visual.proj
-    b = extract.load_model("ViT-B-32", "none", seed=7).model.visual.proj
-    c = extract.load_model("ViT-B-32", "none", seed=8).model.visual.proj
+    a = model_mod.load_model("ViT-B-32", "none", seed=7).model.visual.proj
+    b = model_mod.load_model("ViT-B-32", "none", seed=7).model.visual.proj
+    c = model_mod.load_model("ViT-B-32", "none", seed=8).model.visual.proj
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_local_state_dict_file_loads_into_named_architecture(tmp_path, reference_model):
     path = tmp_path / "weights.pt"
     torch.save(reference_model.model.state_dict(), path)
-    loaded = extract.load_model("ViT-B-32", str(path))
+    loaded = model_mod.load_model("ViT-B-32", str(path))
     assert loaded.pretrained == f"file:{path.resolve()}" and loaded.arch == "ViT-B-32"
     for (k, v), (k2, v2) in zip(loaded.model.state_dict().items(), reference_model.model.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
@@ -117,7 +119,7 @@ def test_openai_torchscript_file_is_loaded_with_quickgelu(tmp_path):
             p.copy_(p.half().float())
     path = tmp_path / "ViT-B-32.pt"
     _openai_style_archive(path, src)
-    loaded = extract.load_model("ViT-B-32", str(path))
+    loaded = model_mod.load_model("ViT-B-32", str(path))
     assert loaded.arch == "ViT-B-32-quickgelu"
     acts = {type(m).__name__ for m in loaded.model.modules()}
     assert "QuickGELU" in acts and "GELU" not in acts
@@ -127,17 +129,17 @@ def test_openai_torchscript_file_is_loaded_with_quickgelu(tmp_path):
 
 
 def test_missing_file_and_offline_tag_give_one_line_errors(monkeypatch):
-    with pytest.raises(extract.ExtractError, match="not found"):
-        extract.load_model("ViT-B-32", "/nonexistent/ViT-B-32.pt")
-    monkeypatch.setattr(extract, "_hub_reachable", lambda *a, **k: False)
+    with pytest.raises(model_mod.ModelError, match="not found"):
+        model_mod.load_model("ViT-B-32", "/nonexistent/ViT-B-32.pt")
+    monkeypatch.setattr(model_mod, "_hub_reachable", lambda *a, **k: False)
     monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
-    with pytest.raises(extract.ExtractError, match="--pretrained FILE .* or --pretrained none"):
-        extract.load_model("ViT-B-32", "openai")
+    with pytest.raises(model_mod.ModelError, match="--pretrained FILE .* or --pretrained none"):
+        model_mod.load_model("ViT-B-32", "openai")
 
 
 def test_unknown_model_is_named():
-    with pytest.raises(extract.ExtractError, match="ViT-Q-99"):
-        extract.load_model("ViT-Q-99", "none")
+    with pytest.raises(model_mod.ModelError, match="ViT-Q-99"):
+        model_mod.load_model("ViT-Q-99", "none")
 
 
 def test_extract_records_identity_and_refuses_other_settings(extracted):
@@ -167,7 +169,7 @@ def test_rows_follow_annotations(extracted):
 
 
 def test_bf16_cache_agrees_with_fp32(tmp_path):
-    ann = data.make_demo_dataset(tmp_path / "d", n_images=6, seed=1, size=48)
+    ann = worlds.make_dataset(tmp_path / "d", "source", n_images=6, seed=1, size=48)
     caches = {}
     for precision in ("fp32", "bf16"):
         settings = extract.ExtractSettings(annotations=ann, images=ann.parent / "images", cache=tmp_path / f"{precision}.h5",

@@ -11,7 +11,7 @@ from PIL import Image
 
 import cache
 import cli
-import extract
+import model as model_mod
 import probe
 import report
 from conftest import make_synthetic_cache
@@ -93,7 +93,7 @@ def test_without_matplotlib_they_say_how_to_get_pictures(tmp_path, monkeypatch):
 def test_queries_go_through_the_caches_own_trunk(extracted, reference_model):
     """Query features times the cached text head equal open_clip's encode_text with the cache's model."""
     c = cache.load(extracted.cache)
-    feats = extract.encode_queries(c.attrs, ["a red circle", "two dogs play in the snow"])
+    feats = model_mod.encode_queries(c.attrs, ["a red circle", "two dogs play in the snow"])
     with torch.no_grad():
         want = reference_model.model.encode_text(reference_model.tokenizer(["a red circle",
                                                                              "two dogs play in the snow"]))

@@ -1,0 +1,94 @@
+"""int8 extraction (torchao) keeps what a pretrained model knows; the small CLIP's pretraining is reproducible."""
+import copy
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import cache
+import extract
+import model as model_mod
+import probe
+from conftest import ROOT, SMALL_CLIP
+
+
+def test_linear_attention_is_multihead_attention_in_fp32(reference_model):
+    """The rewrite that lets int8 reach the attention projections changes nothing before quantization."""
+    ref = copy.deepcopy(reference_model.model)
+    model_mod.take_heads(ref)
+    lin = model_mod.linear_attention(copy.deepcopy(ref))
+    assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in lin.modules())
+    x = torch.randn(2, 3, 224, 224)
+    tokens = reference_model.tokenizer(["a dog runs on the beach", "two people sit near the water ."])
+    with torch.no_grad():
+        for a, b in ((model_mod.image_features(ref, x), model_mod.image_features(lin, x)),
+                     (model_mod.text_features(ref, tokens), model_mod.text_features(lin, tokens))):
+            assert float((a - b).abs().max() / a.abs().max()) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def twin_caches(target_world, tmp_path_factory):
+    """The first 600 images of the demo's world, extracted by the small pretrained CLIP in fp32 and in int8."""
+    import pandas as pd
+    annotations, images, _ = target_world
+    folder = tmp_path_factory.mktemp("int8")
+    df = pd.read_csv(annotations)
+    df[df["image"].isin(df["image"].unique()[:600])].to_csv(folder / "slice.csv", index=False)
+    out = {}
+    for precision in ("fp32", "int8"):
+        out[precision] = extract.ExtractSettings(annotations=folder / "slice.csv", images=images,
+                                                 cache=folder / f"{precision}.h5", model=str(SMALL_CLIP[0]),
+                                                 pretrained=str(SMALL_CLIP[1]), precision=precision, workers=0)
+        extract.extract(out[precision], log=io.StringIO())
+    return out
+
+
+def test_int8_features_agree_with_fp32(twin_caches):
+    a, b = (cache.load(twin_caches[p].cache) for p in ("fp32", "int8"))
+    for x, y in ((a.image_features, b.image_features), (a.text_features, b.text_features)):
+        cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+        assert cos.min() > 0.99 and np.median(cos) > 0.999
+
+
+def test_int8_keeps_zero_shot_and_probed_recall_within_1pp(twin_caches, small_probed):
+    """The same heads (zero-shot, and a probe trained on fp32 features) on fp32 vs int8 features.
+
+    Comparing two probes trained on the two caches would measure training noise (early stopping
+    moves with the smallest change of features), not what int8 does; `make bench` reports that too.
+    """
+    fp32, int8 = (cache.load(twin_caches[p].cache) for p in ("fp32", "int8"))
+    probed, _ = probe.load_checkpoint(small_probed[0])
+    for heads in (probe.Heads.from_cache(fp32), probed):
+        a, b = probe.evaluate_heads(heads, fp32.split("all")), probe.evaluate_heads(heads, int8.split("all"))
+        for d in ("text_to_image", "image_to_text"):
+            for k in ("R@1", "R@5", "R@10"):
+                assert abs(a[d][k] - b[d][k]) <= 1.0, (d, k, a[d][k], b[d][k])
+
+
+def test_int8_cache_is_another_identity(twin_caches):
+    from dataclasses import replace
+    with pytest.raises(cache.CacheError, match="precision='int8' \\(wanted 'fp32'\\)"):
+        extract.extract(replace(twin_caches["fp32"], cache=twin_caches["int8"].cache), log=io.StringIO())
+
+
+def test_int8_on_a_gpu_and_fp16_on_a_cpu_are_refused_by_name():
+    base = extract.ExtractSettings(annotations=None, images=None, cache=ROOT / "never.h5")
+    from dataclasses import replace
+    with pytest.raises(extract.ExtractError, match="int8 is the CPU path"):
+        extract.extract(replace(base, precision="int8", device="cuda"))
+    with pytest.raises(extract.ExtractError, match="fp16 is for --device cuda.*int8"):
+        extract.extract(replace(base, precision="fp16"))
+
+
+def test_pretraining_is_seeded(tmp_path):
+    """Two short runs of the committed script write the same weights, byte for byte."""
+    for name in ("a.pt", "b.pt"):
+        subprocess.run([sys.executable, "pretrain.py", "--steps", "3", "--pool", "256", "--batch-size", "32",
+                        "--out", str(tmp_path / name)], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    a = torch.load(tmp_path / "a.pt", weights_only=True)
+    b = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k].float(), torch.load(SMALL_CLIP[1], weights_only=True)[k].float()) for k in a)
