@@ -178,12 +178,21 @@ def run_images(model, preprocess, writer, names, source, settings: ExtractSettin
             batch = next(loader, None)
             if batch is not None:
                 rows, pixels, ok, errors = batch
-                feats = model_mod.image_features(model, pixels.to(team.device)).cpu().numpy() if pixels is not None else None
-                item = (rows[0], feats, ok, errors)
+                feats = None if pixels is None else \
+                    model_mod.image_features(model, pixels.to(team.device)).cpu().numpy()
+                item = (rows[0], _finite(feats, "image", rows[0], settings.precision), ok, errors)
             for got in team.gather(item):
                 if got is not None:
                     writer.write_images(*got)
                     bar.update(len(got[2]))
+
+
+def _finite(feats, kind: str, start: int, precision: str):
+    """Features that are not finite are never written: a NaN row would pass for a done one."""
+    if feats is not None and not np.isfinite(feats).all():
+        raise ExtractError(f"the {precision} trunk gave non-finite {kind} features from row {start} on; nothing of "
+                           "that batch was written. Extract with --precision fp32 (exact) into another --cache")
+    return feats
 
 
 def encode_window(model, tokens: torch.Tensor, batch_size: int, device) -> torch.Tensor:
@@ -220,7 +229,8 @@ def run_texts(model, tokenizer, writer, captions, settings: ExtractSettings, tod
                 # Only captions that fill the context can have been truncated; re-encode just those to count.
                 n_trunc = sum(len(tokenizer.encode(c)) + 2 > tokens.shape[1]
                               for c in captions[start:stop][full.numpy()])
-                item = (start, encode_window(model, tokens, settings.text_batch_size, team.device).numpy(), n_trunc)
+                feats = encode_window(model, tokens, settings.text_batch_size, team.device).numpy()
+                item = (start, _finite(feats, "caption", start, settings.precision), n_trunc)
             for got in team.gather(item):
                 if got is not None:
                     writer.write_texts(got[0], got[1])
@@ -315,10 +325,11 @@ def _extract(settings: ExtractSettings, team: Team, log) -> ExtractSummary:
     loaded = model_mod.load_model(settings.model, settings.pretrained, settings.seed)
     print(f"model: {loaded.description}" + (f" on {team.world} processes" if team.world > 1 else ""), file=log)
     heads = model_mod.take_heads(loaded.model)
+    if settings.precision == "int8":
+        print("int8: quantizing and compiling both trunks (a minute or so, once per run)", file=log)
     model = model_mod.prepare(loaded.model, settings.precision, team.device)
     if settings.precision == "int8":
-        print("int8: torch.compile builds the int8 trunks on the first batch of each (a minute or so, once)",
-              file=log)
+        print(f"int8 kernels: {model.int8_kernels}", file=log)
     if team.device.type == "cuda" and settings.precision == "fp32":
         # cuDNN convolutions default to TF32 (10-bit mantissa); fp32 must stay exact.
         torch.backends.cudnn.allow_tf32 = False

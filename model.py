@@ -312,10 +312,33 @@ def quantize_int8(model: torch.nn.Module, compile: bool = True) -> torch.nn.Modu
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
     model = linear_attention(model.float())
     quantize_(model, Int8DynamicActivationInt8WeightConfig())
+    model.int8_kernels = "eager"
     if compile:
+        eager = (model.visual, model.transformer)
         model.visual = torch.compile(model.visual, dynamic=True)
         model.transformer = torch.compile(model.transformer, dynamic=True)
+        model.int8_kernels = "compiled"
+        if not _compiled_agrees(model, *eager):
+            # Seen with inductor's AVX2 code for these kernels (ATEN_CPU_CAPABILITY=avx2): NaN in half the
+            # outputs. Eager torchao computes the same quantization correctly, only slower.
+            model.visual, model.transformer = eager
+            model.int8_kernels = "eager: the compiled int8 kernels disagreed with eager ones on this CPU"
     return model
+
+
+@torch.no_grad()
+def _compiled_agrees(model, eager_visual, eager_transformer) -> bool:
+    """Run both compiled trunks once (this is also their compile) against eager torchao on fixed inputs."""
+    gen = torch.Generator().manual_seed(0)
+    size = model.visual.conv1.weight.shape[-1] * model.visual.grid_size[0]
+    px = torch.randn(2, 3, size, size, generator=gen)
+    width = model.token_embedding.weight.shape[1]
+    x = torch.randn(2, 9, width, generator=gen)
+    mask = model.attn_mask[:9, :9]
+    pairs = ((model.visual(px), eager_visual(px)),
+             (model.transformer(x, attn_mask=mask), eager_transformer(x, attn_mask=mask)))
+    return all(bool(torch.isfinite(a).all()) and float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0)) > 0.999
+               for a, b in pairs)
 
 
 def _quiet_compiler() -> None:
