@@ -189,6 +189,27 @@ def read_shards(pattern: str) -> tuple[pd.DataFrame, data.CaptionReport, ShardRe
     return df, captions, report, source
 
 
+def write_shards(df: pd.DataFrame, images: Path, folder: Path, per_shard: int = 1000) -> list[Path]:
+    """Write a Flickr-layout collection as img2dataset tar shards: ``KEY.jpg``, ``KEY.txt``, ``KEY.json``
+    per image (its first caption; the json keeps the image name and split). Keys are the image's
+    position, nine digits, as img2dataset numbers them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    first = df.drop_duplicates("image").reset_index(drop=True)
+    paths = []
+    for start in range(0, len(first), per_shard):
+        path = folder / f"{start // per_shard:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i, r in first.iloc[start:start + per_shard].iterrows():
+                meta = {"key": f"{i:09d}", "source": r["image"], **({"split": r["split"]} if "split" in r else {})}
+                for ext, payload in (("jpg", (Path(images) / r["image"]).read_bytes()),
+                                     ("txt", str(r["caption"]).encode()), ("json", json.dumps(meta).encode())):
+                    info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+        paths.append(path)
+    return paths
+
+
 def describe(pattern: str) -> str:
     """What the cache records as its image root for a shard pattern."""
     return f"shards:{os.path.abspath(pattern) if Path(pattern).is_dir() else pattern}"

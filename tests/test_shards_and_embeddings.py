@@ -24,22 +24,13 @@ def _add(tar, name, payload: bytes):
 
 
 def write_shards(folder, images, df, per_shard=10, extra=None):
-    """img2dataset's tar layout: KEY.jpg, KEY.txt, KEY.json per sample (first caption of each image)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    first = df.drop_duplicates("image").reset_index(drop=True)
-    paths = []
-    for s in range(0, len(first), per_shard):
-        path = folder / f"{s // per_shard:05d}.tar"
-        with tarfile.open(path, "w") as tar:
-            for i, r in first.iloc[s:s + per_shard].iterrows():
-                key = f"{i:09d}"
-                _add(tar, f"{key}.jpg", (images / r["image"]).read_bytes())
-                _add(tar, f"{key}.txt", r["caption"].encode())
-                _add(tar, f"{key}.json", json.dumps({"key": key, "url": r["image"]}).encode())
+    """img2dataset's tar layout (shards.write_shards), plus ``extra`` members appended to named shards."""
+    paths = shards.write_shards(df.drop(columns="split"), images, folder, per_shard)
+    for path in paths:
+        with tarfile.open(path, "a") as tar:
             for name, payload in (extra or {}).get(path.name, []):
                 _add(tar, name, payload)
-        paths.append(path)
-    return paths, first
+    return paths, df.drop_duplicates("image").reset_index(drop=True)
 
 
 def _extract(tmp_path, pattern, name="s.h5"):
