@@ -18,8 +18,9 @@ import torch
 
 import cache
 import extract
+import model as model_mod
 import probe
-from data import make_demo_dataset
+import worlds
 
 FLICKR_IMAGES, FLICKR_CAPTIONS = 31_783, 158_915
 WORDS = ("a man woman dog child girl boy in the red blue shirt is running on grass beach street with two "
@@ -36,11 +37,29 @@ def best_of(fn, repeat=3) -> float:
     return min(times)
 
 
-def gemm_gflops() -> float:
-    """The machine's fp32 matrix-multiply rate on the trunk's own shape (a batch of 64 x 50 tokens
-    through the MLP), best of several: the ceiling the image trunk is measured against."""
-    a, b = torch.randn(3200, 768), torch.randn(768, 3072)
-    return 2 * 3200 * 768 * 3072 / best_of(lambda: a @ b, 10) / 1e9
+def gemm_rates() -> dict:
+    """fp32 matrix-multiply rates (GFLOP/s) on the trunk's own shape (64 images x 50 tokens through the
+    MLP), in the layouts at hand: ``F.linear`` with an [out, in] weight (what nn.Linear runs), numpy,
+    and plain ``a @ b``. The best of them is the ceiling the trunks are measured against."""
+    x, w = torch.randn(3200, 768), torch.randn(3072, 768)
+    wt = w.T.contiguous()
+    xn, wn = x.numpy(), wt.numpy()
+    flop = 2 * 3200 * 768 * 3072
+    return {name: flop / best_of(fn, 10) / 1e9 for name, fn in
+            (("F.linear", lambda: torch.nn.functional.linear(x, w)), ("numpy", lambda: xn @ wn),
+             ("a @ b", lambda: x @ wt))}
+
+
+def text_flops(model, tokens: torch.Tensor, batch_size: int) -> float:
+    """Forward FLOPs the bucketed text trunk runs on ``tokens`` (padding to each batch's longest included)."""
+    width = model.ln_final.normalized_shape[0]
+    layers, hidden = len(model.transformer.resblocks), model.transformer.resblocks[0].mlp.c_fc.out_features
+    lengths = torch.sort(tokens.argmax(-1) + 1).values
+    total = 0.0
+    for s in range(0, len(lengths), batch_size):
+        n, b = int(lengths[s:s + batch_size].max()), len(lengths[s:s + batch_size])
+        total += b * layers * (n * (4 * width * width + 2 * width * hidden) + 2 * n * n * width)
+    return 2.0 * total
 
 
 def flickr_like_captions(n: int, seed: int = 0) -> list[str]:
@@ -65,65 +84,138 @@ def model_flops_per_image(model) -> float:
 def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}")
-    loaded = extract.load_model("ViT-B-32", "none")
+          f"{torch.backends.cpu.get_cpu_capability()}, native bf16: {extract.native_bf16()}")
+    loaded = model_mod.load_model("ViT-B-32", "none")
     ref = copy.deepcopy(loaded.model)
     model = loaded.model
-    extract.take_heads(model)
-    rows = []
-
-    # Text: bucketed pre-projection (one extraction window) vs encode_text on the full 77-token context.
+    model_mod.take_heads(model)
+    rates = gemm_rates()
+    ceiling = max(rates.values())
+    rows = [("GEMM ceiling (best layout)", ", ".join(f"{k} {v:.0f}" for k, v in rates.items()) + " GFLOP/s",
+             f"{ceiling:.0f}", "GFLOP/s")]
     settings = extract.ExtractSettings(annotations=Path("."), images=Path("."), cache=Path("."))
-    caps = flickr_like_captions(settings.text_window)
-    tokens = loaded.tokenizer(caps)
-    t_b = best_of(lambda: extract.encode_window(model, tokens, settings.text_batch_size, "cpu"), 1)
-    sample = tokens[:256]  # the reference is slow; its rate does not depend on the captions
-
-    def full():
-        with torch.no_grad():
-            for s in range(0, len(sample), settings.text_batch_size):
-                ref.encode_text(sample[s:s + settings.text_batch_size])
-    t_f = best_of(full, 1) * len(tokens) / len(sample)
-    cap_rate = len(caps) / t_b
-    rows.append(("text: bucketed vs encode_text@77", f"{cap_rate:.0f} vs {len(caps) / t_f:.0f} cap/s "
-                 f"(batch {settings.text_batch_size}, window {settings.text_window})", f"{t_f / t_b:.2f}x", ">= 6x"))
-    # Why the default text batch is small: within one window, bigger batches span more lengths (more padding).
-    t_256 = best_of(lambda: extract.encode_window(model, tokens, 256, "cpu"), 1)
-    rows.append((f"text: batch {settings.text_batch_size} vs 256 (default check)",
-                 f"{cap_rate:.0f} vs {len(caps) / t_256:.0f} cap/s", f"{t_256 / t_b:.2f}x", "> 1x"))
-
-    # Image, fp32: images/s against the machine's measured GEMM rate, counted in model FLOPs.
-    gflops = gemm_gflops()
-    flops = model_flops_per_image(model)
+    tokens = loaded.tokenizer(flickr_like_captions(settings.text_window))
     px = torch.randn(64, 3, 224, 224)
-    t_img = best_of(lambda: extract.image_features(model, px), 2)
-    img_rate = len(px) / t_img
-    bound = gflops * 1e9 / flops
-    rows.append(("image fp32 vs GEMM bound", f"{img_rate:.2f} vs {bound:.2f} img/s "
-                 f"({flops / 1e9:.2f} GFLOP/img, GEMM {gflops:.0f} GFLOP/s)", f"{img_rate / bound:.0%}", ">= 80%"))
-
-    # bf16 trunk weights: speed and agreement with fp32.
-    m16 = copy.deepcopy(model).to(torch.bfloat16)
-    px16 = px[:8]
-    t16 = best_of(lambda: extract.image_features(m16, px16), 1)
-    t32 = best_of(lambda: extract.image_features(model, px16), 1)
-    cos = torch.nn.functional.cosine_similarity(extract.image_features(m16, px16),
-                                                extract.image_features(model, px16)).min()
-    rows.append(("image bf16 vs fp32", f"{8 / t16:.2f} vs {8 / t32:.2f} img/s, min cosine {cos:.5f}",
-                 f"{t32 / t16:.2f}x", ">= 2x, cos >= 0.999"))
-
-    # Probe epoch on a Flickr30k-sized synthetic cache vs an epoch that runs the trunks.
-    rows += probe_rows(img_rate, cap_rate)
-
-    # Projected whole-Flickr30k extract time (fp32, this machine).
-    minutes = (FLICKR_IMAGES / img_rate + FLICKR_CAPTIONS / cap_rate) / 60
-    rows.append(("projected Flickr30k extract, fp32", f"{FLICKR_IMAGES / img_rate / 60:.1f} min images + "
-                 f"{FLICKR_CAPTIONS / cap_rate / 60:.1f} min captions", f"{minutes:.0f} min", "<= 50 min"))
-    rows.append(memory_row())
+    text, cap_rate = text_rows(model, ref, tokens, settings.text_batch_size, ceiling)
+    image, img_rate = image_rows(model, px, ceiling)
+    int8, int8_rates = int8_rows(model, px, tokens, settings.text_batch_size, (img_rate, cap_rate))
+    rows += text + image + int8 + [bf16_row(model, px[:8])] + probe_rows(img_rate, cap_rate)
+    for name, (i_rate, c_rate, extra) in (("fp32", (img_rate, cap_rate, 0.0)), ("int8", int8_rates)):
+        minutes = (FLICKR_IMAGES / i_rate + FLICKR_CAPTIONS / c_rate + extra) / 60
+        rows.append((f"projected Flickr30k extract, {name}", f"{FLICKR_IMAGES / i_rate / 60:.1f} min images + "
+                     f"{FLICKR_CAPTIONS / c_rate / 60:.1f} min captions" + (f" + {extra:.0f} s compile" if extra
+                                                                           else ""),
+                     f"{minutes:.0f} min", "<= 60 min" if name == "fp32" else "<= 40 min"))
+    rows += [memory_row()] + int8_recall_rows()
     width = max(len(r[0]) for r in rows)
     print(f"\n{'figure':{width}}  {'measured':>10}  {'budget':>20}  detail")
     for name, detail, ratio, budget in rows:
         print(f"{name:{width}}  {ratio:>10}  {budget:>20}  {detail}")
+
+
+def text_rows(model, ref, tokens, batch_size: int, ceiling: float) -> tuple[list, float]:
+    """Bucketed pre-projection text vs encode_text on the full 77-token context, and vs the ceiling."""
+    t_b = best_of(lambda: extract.encode_window(model, tokens, batch_size, "cpu"), 1)
+    sample = tokens[:256]  # the reference is slow; its rate does not depend on the captions
+
+    def full():
+        with torch.no_grad():
+            for s in range(0, len(sample), batch_size):
+                ref.encode_text(sample[s:s + batch_size])
+    t_f = best_of(full, 1) * len(tokens) / len(sample)
+    cap_rate = len(tokens) / t_b
+    # Why the default text batch is small: within one window, bigger batches span more lengths (more padding).
+    t_256 = best_of(lambda: extract.encode_window(model, tokens, 256, "cpu"), 1)
+    gflops = text_flops(model, tokens, batch_size) / t_b / 1e9
+    return [("text: bucketed vs encode_text@77", f"{cap_rate:.0f} vs {len(tokens) / t_f:.0f} cap/s "
+             f"(batch {batch_size}, window {len(tokens)})", f"{t_f / t_b:.2f}x", ">= 6x"),
+            (f"text: batch {batch_size} vs 256 (default check)", f"{cap_rate:.0f} vs {len(tokens) / t_256:.0f} "
+             "cap/s", f"{t_256 / t_b:.2f}x", "> 1x"),
+            ("text fp32 vs GEMM ceiling", f"{gflops:.0f} of {ceiling:.0f} GFLOP/s, counting the padding it runs",
+             f"{gflops / ceiling:.0%}", "")], cap_rate
+
+
+def image_rows(model, px, ceiling: float) -> tuple[list, float]:
+    """Images/s against the ceiling, counted in model FLOPs."""
+    flops = model_flops_per_image(model)
+    img_rate = len(px) / best_of(lambda: model_mod.image_features(model, px), 2)
+    bound = ceiling * 1e9 / flops
+    return [("image fp32 vs GEMM ceiling", f"{img_rate:.2f} vs {bound:.2f} img/s ({flops / 1e9:.2f} GFLOP/img)",
+             f"{img_rate / bound:.0%}", ">= 85%")], img_rate
+
+
+def int8_rows(model, px, tokens, batch_size: int, fp32_rates) -> tuple[list, tuple]:
+    """int8 (torchao, compiled) against fp32 on both trunks: speed and min cosine to fp32."""
+    t0 = time.perf_counter()
+    q = model_mod.quantize_int8(copy.deepcopy(model))
+    with torch.no_grad():  # the first calls compile (dynamic shapes: once per trunk)
+        model_mod.image_features(q, px[:2])
+        extract.encode_window(q, tokens[:64], batch_size, "cpu")
+    compile_s = time.perf_counter() - t0
+    img_rate = len(px) / best_of(lambda: model_mod.image_features(q, px), 2)
+    cap_rate = len(tokens) / best_of(lambda: extract.encode_window(q, tokens, batch_size, "cpu"), 1)
+    cos = torch.nn.functional.cosine_similarity
+    ci = cos(model_mod.image_features(q, px[:16]), model_mod.image_features(model, px[:16])).min()
+    ct = cos(extract.encode_window(q, tokens[:256], batch_size, "cpu"),
+             extract.encode_window(model, tokens[:256], batch_size, "cpu")).min()
+    return [("image int8 vs fp32", f"{img_rate:.1f} vs {fp32_rates[0]:.1f} img/s, min cosine {ci:.5f}",
+             f"{img_rate / fp32_rates[0]:.2f}x", ">= 1.6x"),
+            ("text int8 vs fp32", f"{cap_rate:.0f} vs {fp32_rates[1]:.0f} cap/s, min cosine {ct:.5f}",
+             f"{cap_rate / fp32_rates[1]:.2f}x", ">= 1.6x"),
+            ("int8 one-time compile", "torch.compile of both trunks, once per extract process",
+             f"{compile_s:.0f} s", "")], (img_rate, cap_rate, compile_s)
+
+
+def bf16_row(model, px) -> tuple:
+    """bf16 trunk weights: speed and agreement with fp32 (fast only where the CPU has native bf16)."""
+    m16 = copy.deepcopy(model).to(torch.bfloat16)
+    t16 = best_of(lambda: model_mod.image_features(m16, px), 1)
+    t32 = best_of(lambda: model_mod.image_features(model, px), 1)
+    cos = torch.nn.functional.cosine_similarity(model_mod.image_features(m16, px),
+                                                model_mod.image_features(model, px)).min()
+    return ("image bf16 vs fp32", f"{len(px) / t16:.2f} vs {len(px) / t32:.2f} img/s, min cosine {cos:.5f}",
+            f"{t32 / t16:.2f}x", ">= 2x where native")
+
+
+def int8_recall_rows(n_images: int = 3000, seeds=(0, 1, 2)) -> list:
+    """What int8 costs in recall on a model that has learned: the demo's world (ShapesCLIP, 3,000 images),
+    test split, largest |change| of R@1/5/10 both ways. Two ways: the same heads on fp32 vs int8 features
+    (what int8 does), and probes retrained on each cache, averaged over seeds (what a user sees)."""
+    import io
+    config, weights = (Path("pretrained") / "ShapesCLIP.json", Path("pretrained") / "ShapesCLIP.pt")
+    keys = [(d, k) for d in ("text_to_image", "image_to_text") for k in ("R@1", "R@5", "R@10")]
+    caches, retrained, seconds = {}, {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ann = worlds.make_dataset(Path(tmp) / "target", "target", n_images=n_images, seed=0)
+        for precision in ("fp32", "int8"):
+            path = Path(tmp) / f"{precision}.h5"
+            t0 = time.perf_counter()
+            extract.extract(extract.ExtractSettings(annotations=ann, images=ann.parent / "images", cache=path,
+                                                    model=str(config), pretrained=str(weights),
+                                                    precision=precision), log=io.StringIO())
+            seconds[precision] = time.perf_counter() - t0
+            caches[precision] = c = cache.load(path)
+            runs = []
+            for seed in seeds:
+                out = Path(tmp) / f"{precision}{seed}.pt"
+                probe.train(c, probe.ProbeSettings(seed=seed), out, log=io.StringIO())
+                runs.append(probe.evaluate(c, "test", Path(tmp) / f"{precision}{seed}.pt")["probe"])
+            retrained[precision] = {dk: np.mean([r[dk[0]][dk[1]] for r in runs]) for dk in keys}
+        probed = probe.load_checkpoint(Path(tmp) / f"fp32{seeds[0]}.pt")[0]
+        same = {}
+        for name, heads in (("zero-shot", probe.Heads.from_cache(caches["fp32"])), ("probed", probed)):
+            a, b = (probe.evaluate_heads(heads, caches[p].split("test")) for p in ("fp32", "int8"))
+            same[name] = max(abs(a[d][k] - b[d][k]) for d, k in keys)
+    worst_retrained = max(abs(retrained["int8"][dk] - retrained["fp32"][dk]) for dk in keys)
+    where = f"ShapesCLIP, {n_images} target-world images, test split"
+    return [("int8 recall change, zero-shot heads", where, f"{same['zero-shot']:.2f} pp", "<= 1 pp"),
+            ("int8 recall change, same probed heads", where + f" (probe seed {seeds[0]})", f"{same['probed']:.2f} pp",
+             "<= 1 pp"),
+            ("int8 recall change, probes retrained", where + f", mean of seeds {list(seeds)}",
+             f"{worst_retrained:.2f} pp", "<= 1 pp"),
+            ("ShapesCLIP extract, int8 vs fp32", f"{seconds['int8']:.0f} vs {seconds['fp32']:.0f} s for "
+             f"{n_images} images (a 128-wide toy: int8 pays off at ViT-B/32 widths)",
+             f"{seconds['fp32'] / seconds['int8']:.2f}x", "")]
 
 
 def probe_rows(img_rate: float, cap_rate: float) -> list:
@@ -154,7 +246,7 @@ def memory_row() -> tuple:
     peaks = {}
     with tempfile.TemporaryDirectory() as tmp:
         for n in (30, 120):
-            ann = make_demo_dataset(Path(tmp) / f"d{n}", n_images=n, size=64)
+            ann = worlds.make_dataset(Path(tmp) / f"d{n}", "source", n_images=n, size=64)
             code = ("import resource, sys, extract; from pathlib import Path\n"
                     f"extract.extract(extract.ExtractSettings(annotations=Path(r'{ann}'), images=Path(r'{ann.parent}')"
                     f" / 'images', cache=Path(r'{tmp}') / 'c{n}.h5', pretrained='none', workers=1), log=open('/dev/null', 'w'))\n"

@@ -26,7 +26,8 @@ def test_checkpoint_records_the_alpha_chosen_on_validation(synthetic_cache, tmp_
     assert json.loads((tmp_path / "h.json").read_text())["interpolation"] == mix
     # the saved heads are exactly that mix of the pretrained heads and the trained ones
     val = c.split("val")
-    assert metrics.mean_recall(probe.evaluate_heads(heads, val)) == pytest.approx(mix["val_by_alpha"][str(mix["alpha"])])
+    chosen = mix["val_by_alpha"][str(mix["alpha"])]
+    assert metrics.mean_recall(probe.evaluate_heads(heads, val)) == pytest.approx(chosen)
     assert result["val_mean_recall"] == pytest.approx(max(mix["val_by_alpha"].values()))
 
 

@@ -75,7 +75,8 @@ def row(label: str, r: dict) -> str:
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
-HEADER = ("| setting | val mean recall | test T→I R@1 | T→I R@5 | T→I R@10 | I→T R@1 | I→T R@5 | I→T R@10 |\n"
+HEADER = ("| setting | val mean recall | test T→I R@1 | T→I R@5 | T→I R@10 "
+          "| I→T R@1 | I→T R@5 | I→T R@10 |\n"
           "|---|---|---|---|---|---|---|---|")
 
 
