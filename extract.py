@@ -330,6 +330,10 @@ def _extract(settings: ExtractSettings, team: Team, log) -> ExtractSummary:
     model = model_mod.prepare(loaded.model, settings.precision, team.device)
     if settings.precision == "int8":
         print(f"int8 kernels: {model.int8_kernels}", file=log)
+        if model.int8_kernels.startswith("eager"):
+            print("warning: with eager int8 kernels, `make bench` measured only 1.2-1.6x fp32 and up to 1.7 pp of "
+                  "recall lost (torch's AVX2 code paths); --precision fp32 is exact and may be the better choice",
+                  file=log)
     if team.device.type == "cuda" and settings.precision == "fp32":
         # cuDNN convolutions default to TF32 (10-bit mantissa); fp32 must stay exact.
         torch.backends.cudnn.allow_tf32 = False
