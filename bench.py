@@ -99,7 +99,9 @@ def main() -> None:
     text, cap_rate = text_rows(model, ref, tokens, settings.text_batch_size, ceiling)
     image, img_rate = image_rows(model, px, ceiling)
     int8, int8_rates = int8_rows(model, px, tokens, settings.text_batch_size, (img_rate, cap_rate))
-    rows += text + image + int8 + [bf16_row(model, px[:8])] + probe_rows(img_rate, cap_rate)
+    rows += text + image + int8 + int8_alternative_rows(model, px, tokens, settings.text_batch_size,
+                                                        (img_rate, cap_rate))
+    rows += [bf16_row(model, px[:8])] + probe_rows(img_rate, cap_rate)
     for name, (i_rate, c_rate, extra) in (("fp32", (img_rate, cap_rate, 0.0)), ("int8", int8_rates)):
         minutes = (FLICKR_IMAGES / i_rate + FLICKR_CAPTIONS / c_rate + extra) / 60
         rows.append((f"projected Flickr30k extract, {name}", f"{FLICKR_IMAGES / i_rate / 60:.1f} min images + "
@@ -164,6 +166,28 @@ def int8_rows(model, px, tokens, batch_size: int, fp32_rates) -> tuple[list, tup
              f"{cap_rate / fp32_rates[1]:.2f}x", ">= 1.6x"),
             ("int8 one-time compile", "torch.compile of both trunks, once per extract process",
              f"{compile_s:.0f} s", "")], (img_rate, cap_rate, compile_s)
+
+
+def int8_alternative_rows(model, px, tokens, batch_size: int, fp32_rates) -> list:
+    """The int8 paths not taken, for the record: eager torchao, and torch.ao's deprecated fbgemm
+    quantize_dynamic (on the same Linear + SDPA attention), each against fp32 on both trunks."""
+    import warnings
+    cos = torch.nn.functional.cosine_similarity
+    eager = model_mod.quantize_int8(copy.deepcopy(model), compile=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        fbgemm = torch.ao.quantization.quantize_dynamic(model_mod.linear_attention(copy.deepcopy(model)),
+                                                        {torch.nn.Linear}, dtype=torch.qint8)
+    rows = []
+    for name, q in (("eager torchao", eager), ("torch.ao quantize_dynamic (deprecated)", fbgemm)):
+        img = len(px) / best_of(lambda: model_mod.image_features(q, px), 1)
+        cap = len(tokens) / best_of(lambda: extract.encode_window(q, tokens, batch_size, "cpu"), 1)
+        ci = cos(model_mod.image_features(q, px[:16]), model_mod.image_features(model, px[:16])).min()
+        ct = cos(extract.encode_window(q, tokens[:256], batch_size, "cpu"),
+                 extract.encode_window(model, tokens[:256], batch_size, "cpu")).min()
+        rows.append((f"int8 not taken: {name}", f"image {img / fp32_rates[0]:.2f}x, text {cap / fp32_rates[1]:.2f}x "
+                     f"fp32; min cosine {ci:.5f} / {ct:.5f}", f"{img / fp32_rates[0]:.2f}x", ""))
+    return rows
 
 
 def bf16_row(model, px) -> tuple:

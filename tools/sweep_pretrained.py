@@ -65,6 +65,27 @@ def run(c: cache.Cache, settings: probe.ProbeSettings, seeds) -> dict:
     return {"val": np.array(vals), "test": tests}
 
 
+def attribute_search(c: cache.Cache, settings: probe.ProbeSettings, seeds) -> str:
+    """For all 48 "a {colour} {shape}" queries, how many of the top 5 images show both (as the tests count)."""
+    import pandas as pd
+
+    import model
+    truth = pd.read_csv(Path("data/demo/target/scenes.csv")).set_index("image")
+    queries = [(colour, shape) for colour in worlds.COLOURS for shape in worlds.SHAPES]
+    feats = model.encode_queries(c.attrs, [f"a {colour} {shape}" for colour, shape in queries])
+
+    def hits(heads) -> float:
+        shown = [[tuple(truth.loc[h["image"], ["colour", "shape"]]) for h in probe.search(c, heads, f, 5)]
+                 for f in feats]
+        return float(np.mean([top.count(query) for top, query in zip(shown, queries)]))
+    out = [f"zero-shot {hits(probe.Heads.from_cache(c)):.2f}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            probe.train(c, replace(settings, seed=seed), Path(tmp) / "p.pt", log=io.StringIO())
+            out.append(f"probe seed {seed} {hits(probe.load_checkpoint(Path(tmp) / 'p.pt', c)[0]):.2f}")
+    return "; ".join(out)
+
+
 def fmt(xs) -> str:
     xs = np.asarray(xs, float)
     return f"{xs.mean():5.1f} ± {xs.std(ddof=1) if len(xs) > 1 else 0:3.1f}"
@@ -109,6 +130,7 @@ def main(argv=None) -> None:
     print(row("zero-shot", zero_row))
     print(row("probe, trained heads (alpha 1)", run(c, replace(base, interpolate=False), seeds)))
     print(row("probe, WiSE-FT alpha chosen on val", run(c, base, seeds)))
+    print(f"\nattribute search, top 5 of 48 colour x shape queries: {attribute_search(c, base, seeds)}")
     overshoot = replace(base, lr=0.1)
     print(f"\n### interpolation when the probe overshoots (lr=0.1, the rest as above)\n\n{HEADER}")
     print(row("zero-shot", zero_row))
