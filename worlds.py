@@ -3,9 +3,9 @@
 - **source**: flat backgrounds, square images, short templated captions with a fixed vocabulary.
   `pretrain.py` trains the project's small CLIP on it (in memory, never written to disk).
 - **target**: the same kinds of scenes, shifted the way Flickr30k is shifted from CLIP's web pretraining:
-  textured and noisy backgrounds, other sizes and aspect ratios saved as ordinary JPEGs, and sentence-like
-  captions with words and phrasings the source never used (synonyms, clauses, filler). `cli.py demo`
-  adapts the pretrained model to it.
+  textured and noisy backgrounds, a warm colour cast, slight blur, other sizes and aspect ratios saved as
+  ordinary JPEGs; and sentence captions composed of a subject and optional clauses, using the source's
+  word half the time and otherwise one it never saw. `cli.py demo` adapts the pretrained model to it.
 
 Both draw scenes from one sampler, so an attribute (colour, shape, ...) means the same thing in both.
 numpy and pillow only; nothing here imports torch.
@@ -67,10 +67,10 @@ CONTRAST = (12, 24)  # texture amplitude, in 8-bit levels
 CAST = (1.12, 1.0, 0.82)  # a warm white balance on every target photo (per-channel gain, RGB)
 # Target captions are composed like Flickr's: the subject always, the rest only sometimes, so that an
 # attribute a caption leaves out does not matter (a query for "a red circle" must not pick a place).
+MENTION = 0.75  # how often a caption mentions the size, the place, the background (each on its own)
 TARGET_OPENERS = ("{subject}", "In this photo you can see {subject}", "Someone has drawn {subject}",
                   "There appears to be {subject}", "The picture shows {subject}", "Here is {subject}")
 TARGET_PLACES = ("in the {pos}", "near the {pos}", "toward the {pos}", "close to the {pos}")
-MENTION = 0.75  # how often a caption mentions the size, the place, the background (each on its own)
 TARGET_GROUNDS = ("on a {texture} {bg} background", "against {bg} {texture}",
                   "over a {bg} surface covered in {texture}", "resting on {texture} in {bg} tones")
 
