@@ -25,7 +25,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
+CAST = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # weights cast to a dtype
+PRECISIONS = (*CAST, "int8")  # int8 quantizes instead (quantize_int8)
 
 
 class ModelError(RuntimeError):
@@ -250,7 +251,7 @@ def prepare(model: torch.nn.Module, precision: str, device, compile: bool = True
     """The headless model in the precision extraction runs it in (int8: see quantize_int8)."""
     if precision == "int8":
         return quantize_int8(model, compile)
-    return model.to(device=device, dtype=PRECISIONS[precision])
+    return model.to(device=device, dtype=CAST[precision])
 
 
 def encode_queries(info: dict, queries: list[str]) -> np.ndarray:

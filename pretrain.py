@@ -90,6 +90,9 @@ def main(argv=None) -> None:
     with model_mod._quiet():
         net = open_clip.create_model(name, pretrained=None)
     tokenizer = open_clip.get_tokenizer(name)
+    n_params = sum(p.numel() for p in net.parameters())
+    print(f"{name}: {n_params / 1e6:.2f} M parameters, the two heads "
+          f"{(net.visual.proj.numel() + net.text_projection.numel()) / n_params:.2%} of them", flush=True)
     size = net.visual.image_size[0] if isinstance(net.visual.image_size, tuple) else net.visual.image_size
     pool, scenes = render_pool(args.pool, rng, size)
     held_px, held_scenes = render_pool(1000, np.random.default_rng(args.seed + 1), size)

@@ -20,6 +20,7 @@ import os
 import re
 import tarfile
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -66,7 +67,6 @@ class TarImages:
 @dataclass
 class ShardReport:
     """What reading the shards met, for the extract summary."""
-    shards: int = 0
     notes: list = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)  # reason -> members or samples left out
 
@@ -125,26 +125,22 @@ def _samples(source: Path, members, report: ShardReport) -> dict:
     return samples
 
 
-def _read_caption(source: Path, is_tar: bool, key: str, txt) -> str | None:
-    offset, size, complete = txt
-    if not complete:
+def _member_bytes(fh, root: Path, key: str, ext: str, part) -> bytes | None:
+    """A small member's bytes (caption, metadata): by offset from the shard open as ``fh``, or from its
+    own file in the 'files' layout (``fh`` None). None when it is absent or cut off."""
+    if part is None or not part[2]:
         return None
-    path = source if is_tar else source / f"{key}.txt"
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        return fh.read(size).decode("utf-8", errors="replace")
+    if fh is None:
+        return (root / f"{key}.{ext}").read_bytes()
+    fh.seek(part[0])
+    return fh.read(part[1])
 
 
-def _split_of(source: Path, is_tar: bool, key: str, meta) -> str | None:
-    if meta is None or not meta[2]:
+def _split_of(meta: bytes | None) -> str | None:
+    try:
+        value = json.loads(meta) if meta else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    path = source if is_tar else source / f"{key}.json"
-    with open(path, "rb") as fh:
-        fh.seek(meta[0])
-        try:
-            value = json.loads(fh.read(meta[1]) or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None
     split = value.get("split") if isinstance(value, dict) else None
     return split if split in data.SPLITS else None
 
@@ -156,23 +152,24 @@ def read_shards(pattern: str) -> tuple[pd.DataFrame, data.CaptionReport, ShardRe
     sources = expand(pattern)
     folder = len(sources) == 1 and sources[0].is_dir()
     for source in sources:
-        report.shards += 1
-        members = _folder_members(source) if folder else _tar_members(source, report)
-        for key, parts in _samples(source, members, report).items():
-            image_ext = next((e for e in IMAGE_EXTS if e in parts), None)
-            name = f"{key}.{image_ext or 'jpg'}" if folder else f"{source.name}/{key}.{image_ext or 'jpg'}"
-            if "txt" not in parts:  # keys with neither (img2dataset's .parquet, _stats.json) are no samples
-                if image_ext:
-                    report.skipped["image without a caption (no .txt)"] += 1
-                continue
-            caption = _read_caption(source, not folder, key, parts["txt"])
-            if caption is None:
-                report.skipped["caption member cut off"] += 1
-                continue
-            if image_ext and not folder:
-                offset, size, _ = parts[image_ext]
-                tar_images[name] = Member(str(source.resolve()), offset, size)
-            rows.append((name, caption, _split_of(source, not folder, key, parts.get("json"))))
+        samples = _samples(source, _folder_members(source) if folder else _tar_members(source, report), report)
+        with nullcontext() if folder else open(source, "rb") as fh:  # one handle a shard for all its captions
+            for key, parts in samples.items():
+                image_ext = next((e for e in IMAGE_EXTS if e in parts), None)
+                name = f"{key}.{image_ext or 'jpg'}" if folder else f"{source.name}/{key}.{image_ext or 'jpg'}"
+                if "txt" not in parts:  # keys with neither (img2dataset's .parquet, _stats.json) are no samples
+                    if image_ext:
+                        report.skipped["image without a caption (no .txt)"] += 1
+                    continue
+                caption = _member_bytes(fh, source, key, "txt", parts["txt"])
+                if caption is None:
+                    report.skipped["caption member cut off"] += 1
+                    continue
+                if image_ext and not folder:
+                    offset, size, _ = parts[image_ext]
+                    tar_images[name] = Member(str(source.resolve()), offset, size)
+                meta = _member_bytes(fh, source, key, "json", parts.get("json"))
+                rows.append((name, caption.decode("utf-8", errors="replace"), _split_of(meta)))
     if not rows:
         raise ShardError(f"--shards {pattern!r}: no sample with a caption (.txt) in {len(sources)} shard(s)")
     df = pd.DataFrame(rows, columns=["image", "caption", "split"])

@@ -31,14 +31,24 @@ def test_checkpoint_records_the_alpha_chosen_on_validation(synthetic_cache, tmp_
     assert result["val_mean_recall"] == pytest.approx(max(mix["val_by_alpha"].values()))
 
 
-def test_on_validation_the_probe_is_never_worse_than_zero_shot(synthetic_cache, tmp_path):
-    """A learning rate that only does harm: interpolation falls back toward the pretrained heads."""
+def test_interpolation_falls_back_toward_the_pretrained_heads_when_training_did_harm(synthetic_cache, tmp_path):
+    """From heads that work, trained heads that do harm: the chosen mix does not, and sits near alpha 0."""
     c = cache.load(synthetic_cache)
-    harmful = probe.ProbeSettings(lr=5.0, batch_size=32, epochs=2, patience=2, seed=0)
-    zero_shot = metrics.mean_recall(probe.evaluate_heads(probe.Heads.from_cache(c), c.split("val")))
-    result = probe.train(c, harmful, tmp_path / "p.pt", log=io.StringIO())
-    assert result["val_mean_recall"] >= zero_shot
-    off = probe.train(c, probe.ProbeSettings(**{**harmful.__dict__, "interpolate": False}), tmp_path / "q.pt",
+    probe.train(c, FAST, tmp_path / "good.pt", log=io.StringIO())
+    val, init = c.split("val"), probe.load_checkpoint(tmp_path / "good.pt")[0]  # a start that has learned
+    zero_shot = metrics.mean_recall(probe.evaluate_heads(init, val))
+    gen = torch.Generator().manual_seed(0)
+    harmful = probe.Heads(torch.randn(init.visual_proj.shape, generator=gen),
+                          torch.randn(init.text_projection.shape, generator=gen), init.logit_scale)
+    heads, mix, chosen = probe.interpolate(init, harmful, val, probe.ALPHAS)
+    assert mix["val_by_alpha"]["1.0"] < zero_shot - 20  # the trained heads really did harm
+    assert metrics.mean_recall(chosen) >= zero_shot and mix["alpha"] <= 0.5
+    assert torch.allclose(heads.visual_proj, init.mix(harmful, mix["alpha"]).visual_proj)
+
+
+def test_interpolation_can_be_turned_off(synthetic_cache, tmp_path):
+    c = cache.load(synthetic_cache)
+    off = probe.train(c, probe.ProbeSettings(**{**FAST.__dict__, "interpolate": False}), tmp_path / "q.pt",
                       log=io.StringIO())
     assert off["interpolation"] is None and probe.load_checkpoint(tmp_path / "q.pt")[1]["interpolation"] is None
 
