@@ -1,9 +1,11 @@
 """A run killed at any moment resumes and ends with the same cache an uninterrupted run makes."""
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,22 +28,51 @@ def arrays(path):
                                       "heads/visual_proj")}, dict(f.attrs)
 
 
+def run_until(cmd, marker: re.Pattern, rng: random.Random, timeout=300) -> bool:
+    """Start cmd; once its stderr shows marker, wait a random moment and SIGKILL it. True if it was killed.
+
+    The kill follows the run's own progress, not a guess of how long the machine takes, so on
+    a fast or a slow machine it lands inside the work (setup, image batches, caption windows).
+    """
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    seen = bytearray()
+    reader = threading.Thread(target=lambda: [seen.extend(chunk) for chunk in iter(lambda: proc.stderr.read1(256), b"")],
+                              daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and not marker.search(seen.decode(errors="replace")):
+        assert time.monotonic() < deadline, "extract showed no progress"
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0, 0.3))
+    killed = proc.poll() is None
+    if killed:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: the decoding worker dies too
+    proc.wait()
+    reader.join(timeout=10)
+    return killed
+
+
+def complete(path) -> bool:
+    try:
+        with h5py.File(path, "r") as f:
+            return bool(f.attrs.get("complete", False))
+    except OSError:  # killed before its first flush: unreadable, and extract starts it afresh
+        return False
+
+
 def test_sigkill_at_random_points_then_resume(shapes, tmp_path):
     annotations, images = shapes
     ref = tmp_path / "ref.h5"
     subprocess.run(extract_cmd(annotations, images, ref), check=True, capture_output=True, timeout=300)
     path = tmp_path / "killed.h5"
     rng = random.Random(0)
-    kills = 0
-    for delay in (rng.uniform(4, 7), rng.uniform(7, 10), rng.uniform(1, 3)):
-        proc = subprocess.Popen(extract_cmd(annotations, images, path), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
-        time.sleep(delay)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole group: the decoding worker dies too
-            kills += 1
-        proc.wait()
-    assert kills >= 2
+    # During setup, after the first image batch is written, and inside the caption windows.
+    markers = (r"model: ", r"images:.*?\| *[1-9]\d*/", r"captions:")
+    kills, finished = [], []
+    for marker in markers:
+        kills.append(run_until(extract_cmd(annotations, images, path), re.compile(marker), rng))
+        finished.append(complete(path))
+    assert sum(kills) >= 2 and not finished[1], (kills, finished)  # the next run had images left to resume
     done = subprocess.run(extract_cmd(annotations, images, path), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     (a, attrs_a), (b, attrs_b) = arrays(ref), arrays(path)
