@@ -36,8 +36,12 @@ def run_until(cmd, marker: re.Pattern, rng: random.Random, timeout=300) -> bool:
     """
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     seen = bytearray()
-    reader = threading.Thread(target=lambda: [seen.extend(chunk) for chunk in iter(lambda: proc.stderr.read1(256), b"")],
-                              daemon=True)
+
+    def read_stderr():  # a pipe left unread would stall the run once it fills
+        while chunk := proc.stderr.read1(256):
+            seen.extend(chunk)
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
     deadline = time.monotonic() + timeout
     while proc.poll() is None and not marker.search(seen.decode(errors="replace")):
