@@ -304,8 +304,9 @@ def quantize_int8(model: torch.nn.Module, compile: bool = True) -> torch.nn.Modu
     """Dynamic int8 (torchao) for every linear layer of both trunks: weights per output channel,
     activations per token at run time. The patch embedding, norms and attention scores stay fp32.
 
-    torchao's fast int8 kernels come from ``torch.compile``: eager, they run 1.2-1.6x fp32 on an
-    AVX2 CPU, compiled 5-6x (``make bench``). Compiling costs tens of seconds once per process
+    torchao's fast int8 kernels come from ``torch.compile``. ``make bench`` on an AVX-512 VNNI CPU:
+    compiled 3.9-4.8x fp32, eager 2.9-3.0x; with torch held to AVX2 code paths the compiled kernels
+    disagree (see _compiled_agrees) and eager runs 1.2-1.6x. Compiling costs tens of seconds once per process
     (shapes are dynamic, so caption lengths do not recompile); ``compile=False`` skips it for a
     handful of search queries.
     """
