@@ -6,6 +6,9 @@ synthetic inputs, so the bench runs offline. Nothing here is asserted.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
 import resource
 import subprocess
 import sys
@@ -21,6 +24,7 @@ import extract
 import model as model_mod
 import probe
 import worlds
+from atomic import replacing
 
 FLICKR_IMAGES, FLICKR_CAPTIONS = 31_783, 158_915
 WORDS = ("a man woman dog child girl boy in the red blue shirt is running on grass beach street with two "
@@ -83,8 +87,8 @@ def model_flops_per_image(model) -> float:
 
 def main() -> None:
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, native bf16: {extract.native_bf16()}")
+    print(f"{cpu_name_and_flags()[0]} (flags: {isa_flags()}); torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
     loaded = model_mod.load_model("ViT-B-32", "none")
     ref = copy.deepcopy(loaded.model)
     model = loaded.model
@@ -278,6 +282,250 @@ def memory_row() -> tuple:
             peaks[n] = int(out.stdout.split()[-1]) / 1024
     return ("extract peak memory, 30 vs 120 images", f"{peaks[30]:.0f} vs {peaks[120]:.0f} MiB",
             f"{peaks[120] / peaks[30]:.2f}x", "flat (~1.0x)")
+
+
+# ---------------------------------------------------------------- the machine check and --precision auto
+#
+# Which path is fastest depends on the CPU far more than on its flags (bf16 measured 0.19x, 3.4x and
+# 0.58x fp32 on three CPUs of this workplace), so it is measured on the machine, for the job, and kept
+# in a per-machine record that later runs read at once.
+
+PATHS = {"cpu": ("fp32", "bf16", "int8-fbgemm", "int8"), "cuda": ("fp32", "bf16", "fp16")}
+COMPILED = ("int8",)     # one-time cost is a compile of about a minute: calibrated only for long jobs
+LONG_JOB_S = 15 * 60     # fp32 projection above which a compiled path is worth calibrating
+FAITHFUL = 0.999         # min cosine to fp32 features, on both trunks, over the calibration batch
+CAL_IMAGES, CAL_CAPTIONS = 8, 128
+
+
+def cpu_name_and_flags() -> tuple[str, list[str]]:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+        return platform.processor() or "unknown CPU", []
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    return name, sorted(set(flags))
+
+
+def machine(device: str = "cpu") -> dict:
+    """What a measurement depends on; a record made under anything else is not trusted."""
+    name, flags = cpu_name_and_flags()
+    m = {"cpu": name, "flags_sha256": hashlib.sha256(" ".join(flags).encode()).hexdigest()[:16],
+         "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device}
+    if device == "cuda":
+        m["gpu"] = torch.cuda.get_device_name()
+    return m
+
+
+def isa_flags() -> str:
+    """The flags that matter for these kernels, for people to read (the record keys on all of them)."""
+    flags = cpu_name_and_flags()[1]
+    return " ".join(f for f in flags if f.startswith(("avx2", "avx512", "amx", "avx_vnni", "fma"))) or "none listed"
+
+
+def record_path() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "finetune-clip-flickr30k" / "precision-record.json"
+
+
+def read_record(key: str) -> tuple[dict, str]:
+    """(this machine's measured paths, a note when the record was ignored). Never trusts a damaged record."""
+    path = record_path()
+    if not path.exists():
+        return {}, ""
+    try:
+        record = json.loads(path.read_text())
+        entries = record["entries"]
+        if record.get("version") != 1 or not isinstance(entries, dict):
+            raise ValueError("unknown layout")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return {}, f"the precision record {path} is damaged ({str(exc)[:60]}); ignored, measuring again"
+    if key in entries:
+        return entries[key], ""
+    return {}, (f"the precision record {path} holds no measurement for this CPU, thread count, torch and "
+                "model; measuring them")
+
+
+def write_record(key: str, paths: dict) -> None:
+    path = record_path()
+    try:
+        record = json.loads(path.read_text())
+        assert record.get("version") == 1 and isinstance(record["entries"], dict)
+    except Exception:  # noqa: BLE001 - a damaged record is replaced
+        record = {"version": 1, "entries": {}}
+    record["entries"][key] = paths
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+
+
+def _timed(fn, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def measure_path(model, name: str, device: str, pixels, tokens, text_batch: int, reference=None):
+    """(measurement, the prepared model): rates for both trunks, one-time setup, fidelity against fp32."""
+    t0 = time.perf_counter()
+    q = model_mod.prepare(model if name == "fp32" else copy.deepcopy(model), name, device)
+    setup = time.perf_counter() - t0
+    px = pixels.to(device)
+    with torch.no_grad():
+        model_mod.image_features(q, px[:1])  # warm-up: first calls pay for allocation and kernel choice
+        extract.encode_window(q, tokens[:8], text_batch, device)
+        feats = {}
+        # Best of two: one timing on a shared 2-core machine moves by 20%.
+        t_img = min(_timed(lambda: feats.__setitem__("image", model_mod.image_features(q, px).float().cpu()), device)
+                    for _ in range(2))
+        t_txt = min(_timed(lambda: feats.__setitem__("text", extract.encode_window(q, tokens, text_batch, device)),
+                           device) for _ in range(2))
+    m = {"image_rate": len(px) / t_img, "caption_rate": len(tokens) / t_txt * window_factor(tokens, text_batch),
+         "setup_s": setup,
+         "cos_image": 1.0, "cos_text": 1.0, "struck": ""}
+    if not all(bool(torch.isfinite(f).all()) for f in feats.values()):
+        m["struck"] = "non-finite features on the calibration batch"
+    elif reference is not None:
+        cos = torch.nn.functional.cosine_similarity
+        m["cos_image"] = float(cos(feats["image"], reference["image"]).min())
+        m["cos_text"] = float(cos(feats["text"], reference["text"]).min())
+        if min(m["cos_image"], m["cos_text"]) < FAITHFUL:
+            m["struck"] = f"min cosine {min(m['cos_image'], m['cos_text']):.5f} < {FAITHFUL} to fp32"
+    return m, q, feats
+
+
+def window_factor(tokens: torch.Tensor, batch: int, window: int = 2048) -> float:
+    """How much faster captions run in extraction's sorted windows than in the calibration batch.
+
+    Both sort by length and pad each batch to its longest caption; a window of 2,048 makes
+    tighter batches than 128 captions do. Counted in padded positions, with the window's
+    lengths drawn from the calibration captions' own distribution.
+    """
+    def padded(lengths):
+        return sum(lengths[s:s + batch].max() * len(lengths[s:s + batch]) for s in range(0, len(lengths), batch))
+    lengths = np.sort(tokens.argmax(-1).numpy() + 1)
+    full = np.sort(np.quantile(lengths, np.linspace(0, 1, window), method="inverted_cdf"))
+    return float((padded(lengths) / len(lengths)) / (padded(full) / window))
+
+
+def projected_s(m: dict, n_images: int, n_captions: int) -> float:
+    return m["setup_s"] + n_images / m["image_rate"] + n_captions / m["caption_rate"]
+
+
+def choose(paths: dict, n_images: int, n_captions: int) -> tuple[str, float]:
+    """The measured, faithful path with the shortest projected job (one-time costs included)."""
+    ok = {k: projected_s(m, n_images, n_captions) for k, m in paths.items() if not m["struck"]}
+    best = min(ok, key=ok.get)
+    return best, ok[best]
+
+
+def describe(name: str, paths: dict, n_images: int, n_captions: int) -> str:
+    m, ref = paths[name], paths["fp32"]
+    if name == "fp32":
+        return f"fp32 ({projected_s(m, n_images, n_captions):.0f} s projected; exact)"
+    return (f"{name} (image {m['image_rate'] / ref['image_rate']:.2f}x, text {m['caption_rate'] / ref['caption_rate']:.2f}x"
+            f" fp32, min cosine {m['cos_image']:.5f} / {m['cos_text']:.5f}; {projected_s(m, n_images, n_captions):.0f} s"
+            f" projected against {projected_s(ref, n_images, n_captions):.0f} s fp32, {m['setup_s']:.0f} s of it "
+            "one-time)")
+
+
+def auto_precision(model, device: str, pixels, tokens, n_images: int, n_captions: int, model_id: str,
+                   text_batch: int = 64, log=None) -> tuple[str, object, str]:
+    """(precision, its prepared model or None, the one line that says what auto took and why).
+
+    With a record for this machine and model, it decides at once. Without one, fp32 is timed on a
+    tiny batch first: a job too short to repay the calibration takes fp32 straight away. Otherwise every
+    path is measured on the calibration batch (the job's own images and captions), struck if it is
+    not faithful, and the record is written; the calibration's cost counts against the job.
+    """
+    key = json.dumps({"machine": machine(device), "model": model_id}, sort_keys=True)
+    paths, note = read_record(key)
+    if note and log is not None:
+        print(f"note: {note}", file=log)
+    wanted = [p for p in PATHS[device] if p not in COMPILED]
+    if paths and all(p in paths for p in wanted):
+        if "fp32" in paths and projected_s(paths["fp32"], n_images, n_captions) > LONG_JOB_S:
+            wanted = list(PATHS[device])
+    if paths and all(p in paths for p in wanted):
+        best, _ = choose({k: v for k, v in paths.items() if k in wanted}, n_images, n_captions)
+        return best, None, f"precision auto: {describe(best, paths, n_images, n_captions)}; from {record_path()}"
+    t0 = time.perf_counter()
+    tiny, _, _ = measure_path(model, "fp32", device, pixels[:2], tokens[:32], text_batch)
+    t32 = projected_s(tiny, n_images, n_captions)
+    calibration = 6 * (len(pixels) / tiny["image_rate"] + len(tokens) / tiny["caption_rate"]) + 3
+    if t32 < 10 * calibration:
+        return "fp32", None, (f"precision auto: fp32 (a short job, {t32:.0f} s projected: measuring the other paths "
+                              f"would cost about {calibration:.0f} s)")
+    if t32 > LONG_JOB_S:
+        wanted = list(PATHS[device])
+    measured, prepared = {}, {}
+    fp32, prepared["fp32"], ref = measure_path(model, "fp32", device, pixels, tokens, text_batch)
+    measured["fp32"] = fp32
+    for name in wanted[1:]:
+        try:
+            measured[name], prepared[name], _ = measure_path(model, name, device, pixels, tokens, text_batch, ref)
+        except Exception as exc:  # noqa: BLE001 - a path that cannot run here is struck, with its reason
+            measured[name] = {"image_rate": 1e-9, "caption_rate": 1e-9, "setup_s": 0.0, "cos_image": 0.0,
+                              "cos_text": 0.0, "struck": f"failed: {str(exc).splitlines()[0][:80]}"}
+    write_record(key, {**paths, **measured})
+    best, _ = choose(measured, n_images, n_captions)
+    spent = time.perf_counter() - t0
+    struck = "; ".join(f"{k} struck: {m['struck']}" for k, m in measured.items() if m["struck"])
+    return best, prepared[best], (f"precision auto: {describe(best, measured, n_images, n_captions)}; calibrated in "
+                                  f"{spent:.0f} s" + (f" ({struck})" if struck else "") + f"; kept in {record_path()}")
+
+
+def machine_check(model, tokenizer, device: str, model_id: str, job: tuple[int, int] | None,
+                  compiled: bool = False, out=None) -> str:
+    """`cli.py bench`: the GEMM ceiling, every path's rates, fidelity and one-time costs, a projection
+    for the named collection, and a last line 'recommended: ...'. Fills the record auto reads."""
+    out = out or sys.stdout
+    name, _ = cpu_name_and_flags()
+    print(f"machine: {name}; flags: {isa_flags()}; {torch.get_num_threads()} threads; torch {torch.__version__}"
+          + (f"; GPU {torch.cuda.get_device_name()}" if device == "cuda" else ""), file=out)
+    if device == "cpu":
+        rates = gemm_rates()
+        print("GEMM ceiling (fp32): " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()) + " GFLOP/s", file=out)
+    gen = torch.Generator().manual_seed(0)
+    size = model.visual.image_size if isinstance(model.visual.image_size, int) else model.visual.image_size[0]
+    pixels = torch.randn(CAL_IMAGES, 3, size, size, generator=gen)
+    tokens = tokenizer(flickr_like_captions(CAL_CAPTIONS))
+    paths = [p for p in PATHS[device] if compiled or p not in COMPILED]
+    measured = {}
+    measured["fp32"], _, ref = measure_path(model, "fp32", device, pixels, tokens, 64)
+    for p in paths[1:]:
+        try:
+            measured[p], _, _ = measure_path(model, p, device, pixels, tokens, 64, ref)
+        except Exception as exc:  # noqa: BLE001
+            measured[p] = {"image_rate": 1e-9, "caption_rate": 1e-9, "setup_s": 0.0, "cos_image": 0.0,
+                           "cos_text": 0.0, "struck": f"failed: {str(exc).splitlines()[0][:80]}"}
+    key = json.dumps({"machine": machine(device), "model": model_id}, sort_keys=True)
+    write_record(key, {**read_record(key)[0], **measured})
+    n_img, n_cap = job or (FLICKR_IMAGES, FLICKR_CAPTIONS)
+    where = "this collection" if job else "a Flickr30k-sized job"
+    print(f"\n{'path':12} {'img/s':>8} {'cap/s':>8} {'vs fp32 (img/text)':>19} {'min cosine (img/text)':>22} "
+          f"{'one-time':>9} {'projected, ' + where:>34}", file=out)
+    f = measured["fp32"]
+    for p, m in measured.items():
+        if m["struck"].startswith("failed"):
+            print(f"{p:12} {m['struck']}", file=out)
+            continue
+        proj = projected_s(m, n_img, n_cap)
+        print(f"{p:12} {m['image_rate']:8.1f} {m['caption_rate']:8.0f} "
+              f"{m['image_rate'] / f['image_rate']:9.2f}x/{m['caption_rate'] / f['caption_rate']:.2f}x "
+              f"{m['cos_image']:13.5f}/{m['cos_text']:.5f} {m['setup_s']:8.1f}s {proj / 60:33.1f} min"
+              + (f"  (struck: {m['struck']})" if m["struck"] else ""), file=out)
+    if not compiled and device == "cpu":
+        print("int8 (torchao, compiled) not measured: its compile takes about a minute (`cli.py bench --compiled`)",
+              file=out)
+    best, seconds = choose(measured, n_img, n_cap)
+    line = f"recommended: --precision {best}, projected {seconds / 60:.1f} min for {where} ({n_img} images, {n_cap} captions)"
+    print(line, file=out)
+    return best
 
 
 if __name__ == "__main__":
