@@ -106,9 +106,10 @@ def _echo_caption_report(report: data.CaptionReport) -> None:
 @click.option("--model", default="ViT-B-32", show_default=True,
               help="an open_clip model name, or an open_clip model-config JSON file")
 @click.option("--pretrained", default="openai", show_default=True, help="an open_clip tag, a local FILE, or 'none'")
-@click.option("--precision", type=click.Choice(["fp32", "int8", "bf16", "fp16"]), default="fp32",
-              show_default=True, help="fp32 is exact; int8 is the fast CPU path; bf16 where the CPU or GPU has "
-              "it natively; fp16 on GPUs")
+@click.option("--precision", type=click.Choice(["fp32", "auto", "int8", "int8-fbgemm", "bf16", "fp16"]),
+              default="fp32", show_default=True,
+              help="fp32 is exact; auto takes the fastest path that is faithful on this machine for this job "
+              "(measured, see `cli.py bench`); int8 (torchao) and int8-fbgemm on CPUs; bf16; fp16 on GPUs")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--text-batch-size", type=click.IntRange(min=1), default=64, show_default=True,
@@ -169,6 +170,47 @@ def _echo_extract_summary(s) -> None:
     for note in s.notes:
         click.echo(f"note: {note}")
     click.echo(f"time: {s.seconds:.1f} s")
+
+
+# ---------------------------------------------------------------- bench
+
+@cli.command("bench")
+@click.option("--annotations", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="project the extract time of this collection (with --images)")
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
+@click.option("--shards", default=None, metavar="PATTERN", help="or of these img2dataset shards")
+@click.option("--model", default="ViT-B-32", show_default=True)
+@click.option("--pretrained", default="openai", show_default=True, help="an open_clip tag, a local FILE, or 'none'")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--compiled", is_flag=True, help="also measure int8 with torch.compile (about a minute more)")
+@friendly_errors
+def bench_cmd(annotations, images, shards, model, pretrained, device, compiled):
+    """Check this machine: every extraction path's speed, fidelity and one-time cost, and which one to use.
+
+    Prints the GEMM ceiling, each path's images/s and captions/s on both trunks against fp32,
+    its min cosine to fp32 features, and the projected extract time of the collection you name
+    (or of a Flickr30k-sized one). The last line, 'recommended: ...', names the path
+    `extract --precision auto` takes; the measurements go to the same per-machine record it reads.
+
+    Example: python cli.py bench --annotations data/flickr30k_annotations_with_splits.csv --images data/flickr30k_images
+    """
+    import bench
+    import extract
+    import model as model_mod
+    if (annotations is None) != (images is None) or (shards and annotations):
+        raise click.UsageError("name a collection with --annotations and --images, or with --shards, or neither")
+    if device == "cuda":
+        extract.Team("cuda")  # the one clear line where torch sees no CUDA device
+    job = None
+    if annotations or shards:
+        settings = extract.ExtractSettings(annotations=annotations, images=images, cache=Path("."), shards=shards)
+        df = extract._read_collection(settings, [])[0]
+        job = (int(df["image"].nunique()), len(df))
+    loaded = model_mod.load_model(model, pretrained)
+    model_mod.take_heads(loaded.model)
+    click.echo(f"model: {loaded.description}")
+    model_id = f"{loaded.arch}|{loaded.pretrained}|{model_mod.text_sha256(loaded.config)}"
+    bench.machine_check(loaded.model, loaded.tokenizer, device, model_id, job, compiled=compiled)
 
 
 # ---------------------------------------------------------------- probe

@@ -7,7 +7,10 @@ heads equal open_clip's ``encode_image`` / ``encode_text`` (tests prove it).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -31,15 +34,6 @@ class ExtractError(RuntimeError):
     """Extraction cannot start or finish; the message says what to do."""
 
 
-def native_bf16() -> bool:
-    """Whether this CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: torch's own report is the best there is
-        return "AVX512" in torch.backends.cpu.get_cpu_capability()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 # ---------------------------------------------------------------- the run
 
 @dataclass(frozen=True)
@@ -50,7 +44,7 @@ class ExtractSettings:
     shards: str | None = None     # instead of both: img2dataset tar shards (pattern) or its 'files' folder
     model: str = "ViT-B-32"
     pretrained: str = "openai"    # tag, FILE or 'none'
-    precision: str = "fp32"       # fp32 (exact), int8 (CPU), bf16 (trunk weights in bfloat16), fp16 (GPU)
+    precision: str = "fp32"       # fp32 (exact), auto (measured), int8 / int8-fbgemm (CPU), bf16, fp16 (GPU)
     device: str = "cpu"
     batch_size: int = 64          # images per trunk call
     text_batch_size: int = 64     # captions per trunk call (sorted by length inside a window)
@@ -264,28 +258,77 @@ def _prepare_rows(df, log):
 
 
 def _open_or_create(settings: ExtractSettings, attrs: dict, create_args: dict, notes: list, log):
-    """Resume a matching partial cache, or create one. Returns a Writer, or None when already complete."""
+    """Resume a matching partial cache, or create one. Returns a Writer, or None when already complete and sound."""
     path = settings.cache
+    expected = cache_mod.estimate_bytes(create_args["image_names"], create_args["image_splits"],
+                                        create_args["captions"], create_args["heads"])
+    _check_space(path, expected, notes, log)
+
+    def note(text: str) -> None:
+        print(f"note: {text}", file=log)
+        notes.append(text)
+
     if path.exists():
         try:
-            stored = cache_mod.read_attrs(path)
+            stored, mended = cache_mod.read_attrs_to_resume(path)
         except OSError as exc:
             # An HDF5 file whose writer died unflushed can be unreadable as a whole.
-            note = f"{path} could not be opened ({str(exc)[:80]}); starting it afresh"
-            print(note, file=log)
-            notes.append(note)
+            note(f"{path} could not be opened ({str(exc)[:80]}); starting it afresh")
             path.unlink()
         else:
+            if mended:
+                note(mended)
             bad = cache_mod.mismatch(stored, attrs)
             if bad:
                 raise cache_mod.CacheError(f"cache {path} was made with other settings: {'; '.join(bad)}; "
                                            "use another --cache path or delete this one")
-            if stored.get("complete"):
-                return None
-            notes.append("resumed a partial cache")
-            return cache_mod.Writer(path)
+            try:
+                writer, repaired = _resume(path, expected, stored, note)
+            except OSError as exc:  # not even its names, captions or heads read back
+                note(f"{path} could not be salvaged ({str(exc)[:80]}); starting it afresh")
+                path.unlink()
+            else:
+                if writer is not None:
+                    notes.append("resumed a partial cache")
+                return writer
     cache_mod.create(path, attrs=attrs, **create_args)
-    return cache_mod.Writer(path)
+    return cache_mod.Writer(path, expected)
+
+
+def _resume(path: Path, expected: int, stored: dict, note) -> tuple:
+    """(Writer, repair note) for an existing cache; (None, '') when it is complete and every done row sound."""
+    try:
+        writer = cache_mod.Writer(path, expected)
+        repaired = writer.repair()  # a row marked done counts only if its features are on disk
+    except (cache_mod.CacheWriteError, OSError, RuntimeError) as exc:
+        if getattr(exc, "full", False):
+            raise
+        # HDF5 refused the file's own structure (a flush that failed part-way): rebuild it from what reads back.
+        note(cache_mod.salvage(path, expected))
+        writer = cache_mod.Writer(path, expected)
+        repaired = writer.repair()
+    if repaired:
+        note(repaired)
+    elif stored.get("complete"):
+        writer.close()
+        return None, ""
+    return writer, repaired
+
+
+def _check_space(path: Path, expected: int, notes: list, log) -> None:
+    """Refuse a job whose cache clearly will not fit on its filesystem; warn where it is tight."""
+    need = max(0, expected - cache_mod.allocated_bytes(path))
+    free = cache_mod.free_bytes(path.parent)
+    if free is None:
+        note = f"the free space beside {path} could not be measured, so it was not checked"
+        print(f"note: {note}", file=log)
+        notes.append(note)
+    elif free < need:
+        raise ExtractError(f"cache {path} needs about {cache_mod.mb(need)} more, but only {cache_mod.mb(free)} are "
+                           "free on its filesystem; free space or choose another --cache")
+    elif free < 1.2 * need:
+        print(f"warning: cache {path} needs about {cache_mod.mb(need)} more and {cache_mod.mb(free)} are free; "
+              "if the disk fills, the same command resumes once space is freed", file=log)
 
 
 def extract(settings: ExtractSettings, log=None) -> ExtractSummary:
@@ -303,12 +346,13 @@ def extract(settings: ExtractSettings, log=None) -> ExtractSummary:
 
 def _check(settings: ExtractSettings) -> None:
     """Settings that cannot work together, refused before anything is loaded."""
-    if settings.precision not in model_mod.PRECISIONS:
-        raise ExtractError(f"unknown precision {settings.precision!r}; choose one of {list(model_mod.PRECISIONS)}")
+    if settings.precision not in (*model_mod.PRECISIONS, "auto"):
+        raise ExtractError(f"unknown precision {settings.precision!r}; choose one of "
+                           f"{[*model_mod.PRECISIONS, 'auto']}")
     if settings.precision == "fp16" and settings.device != "cuda":
-        raise ExtractError("--precision fp16 is for --device cuda; on a CPU use fp32 (exact), or int8 (faster)")
-    if settings.precision == "int8" and settings.device != "cpu":
-        raise ExtractError("--precision int8 is the CPU path; on a GPU use bf16 or fp16")
+        raise ExtractError("--precision fp16 is for --device cuda; on a CPU use fp32 (exact), or auto (faster)")
+    if settings.precision in model_mod.INT8 and settings.device != "cpu":
+        raise ExtractError(f"--precision {settings.precision} is a CPU path; on a GPU use bf16, fp16 or auto")
 
 
 def _extract(settings: ExtractSettings, team: Team, log) -> ExtractSummary:
@@ -318,26 +362,23 @@ def _extract(settings: ExtractSettings, team: Team, log) -> ExtractSummary:
     df, names, splits, image_index = _prepare_rows(df, log)
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    if settings.precision == "bf16" and team.device.type == "cpu" and not native_bf16():
-        print(f"warning: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bfloat16 matrix "
-              "instructions, so bf16 is several times slower than fp32 here; use --precision int8 for speed "
-              "(see `make bench`)", file=log)
     loaded = model_mod.load_model(settings.model, settings.pretrained, settings.seed)
     print(f"model: {loaded.description}" + (f" on {team.world} processes" if team.world > 1 else ""), file=log)
     heads = model_mod.take_heads(loaded.model)
-    if settings.precision == "int8":
-        print("int8: quantizing and compiling both trunks (a minute or so, once per run)", file=log)
-    model = model_mod.prepare(loaded.model, settings.precision, team.device)
-    if settings.precision == "int8":
-        print(f"int8 kernels: {model.int8_kernels}", file=log)
-        if model.int8_kernels.startswith("eager"):
-            print("warning: with eager int8 kernels, `make bench` measured only 1.2-1.6x fp32 and up to 1.7 pp of "
-                  "recall lost (torch's AVX2 code paths); --precision fp32 is exact and may be the better choice",
-                  file=log)
-    if team.device.type == "cuda" and settings.precision == "fp32":
-        # cuDNN convolutions default to TF32 (10-bit mantissa); fp32 must stay exact.
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
+    prepared = None
+    if settings.precision == "auto":
+        choice = None
+        if team.writer:
+            try:
+                choice = _choose_precision(settings, loaded, names, source, df, log)
+            except Exception as exc:  # every rank must hear of it
+                choice = exc
+        precision, line = team.share((choice[0], choice[2]) if isinstance(choice, tuple) else choice)
+        prepared = choice[1] if isinstance(choice, tuple) else None
+        print(line, file=log)
+        settings = dataclasses.replace(settings, precision=precision)
+    elif settings.precision == "bf16" and team.device.type == "cpu":
+        _warn_if_bf16_measured_slow(settings, loaded, log)
     summary = ExtractSummary(cache=settings.cache, model=loaded.description, captions_dropped=dict(report.dropped),
                              captions_non_ascii=report.non_ascii, notes=notes)
     if report.recovered_lines:
@@ -356,11 +397,24 @@ def _extract(settings: ExtractSettings, team: Team, log) -> ExtractSummary:
     plan = team.share(plan)
     if plan is not None:
         try:
+            model = prepared or _prepare_model(loaded, settings, team, log)  # after the space check and the plan
             run_images(model, loaded.preprocess, writer, names, source, settings, plan[0], team, log)
             summary.captions_truncated = run_texts(model, loaded.tokenizer, writer, captions, settings, plan[1],
                                                    team, log)
             if writer is not None:
                 writer.finish()
+        except cache_mod.CacheWriteError as exc:
+            if not exc.full:  # HDF5 refused its own structure: rebuild the file now, so the next run resumes it
+                writer.close()
+                try:
+                    cache_mod.salvage(settings.cache, writer.expected_bytes)
+                except (OSError, RuntimeError, cache_mod.CacheError):
+                    pass  # the next run salvages it, or starts afresh, and says so
+            raise
+        except RuntimeError as exc:
+            if "DataLoader worker" not in str(exc):
+                raise
+            raise ExtractError(_worker_death(str(exc), settings.cache)) from None
         finally:
             if writer is not None:
                 writer.close()
@@ -368,6 +422,75 @@ def _extract(settings: ExtractSettings, team: Team, log) -> ExtractSummary:
     _summarise(summary, settings.cache)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _choose_precision(settings: ExtractSettings, loaded, names, source, df, log) -> tuple:
+    """(precision, its prepared model or None, the line that says why) for --precision auto.
+
+    A cache being resumed keeps the precision it was started with. Otherwise bench.auto_precision
+    decides from this machine's record, or measures on a calibration batch of the job's own images
+    and captions.
+    """
+    import bench
+    if settings.cache.exists():
+        try:
+            stored = cache_mod.read_attrs_to_resume(settings.cache)[0].get("precision")
+        except OSError:
+            stored = None
+        if stored in model_mod.PRECISIONS:
+            return stored, None, f"precision auto: {stored}, the precision {settings.cache} was started with"
+    pixels = []
+    for name in names:
+        try:
+            pixels.append(loaded.preprocess(source.open(name)))
+        except data.ImageLoadError:
+            continue
+        if len(pixels) == bench.CAL_IMAGES:
+            break
+    captions = df["caption"].to_numpy(dtype=object)
+    picks = np.unique(np.linspace(0, len(captions) - 1, min(len(captions), bench.CAL_CAPTIONS)).astype(int))
+    model_id = f"{loaded.arch}|{loaded.pretrained}|{model_mod.text_sha256(loaded.config)}"
+    return bench.auto_precision(loaded.model, settings.device, torch.stack(pixels),
+                                loaded.tokenizer(list(captions[picks])), len(names), len(captions), model_id,
+                                settings.text_batch_size, log)
+
+
+def _warn_if_bf16_measured_slow(settings: ExtractSettings, loaded, log) -> None:
+    """bf16 on a CPU is suggested only where it measured faster: warn when this machine's record says otherwise."""
+    import bench
+    model_id = f"{loaded.arch}|{loaded.pretrained}|{model_mod.text_sha256(loaded.config)}"
+    key = json.dumps({"machine": bench.machine("cpu"), "model": model_id}, sort_keys=True)
+    paths = bench.read_record(key)[0]
+    if "bf16" in paths and "fp32" in paths and paths["bf16"]["image_rate"] < paths["fp32"]["image_rate"]:
+        print(f"warning: bf16 measured {paths['bf16']['image_rate'] / paths['fp32']['image_rate']:.2f}x fp32 on "
+              "this CPU (`cli.py bench`); --precision auto takes the fastest faithful path", file=log)
+
+
+def _worker_death(message: str, path: Path) -> str:
+    """One line for torch's 'DataLoader worker (pid N) is killed by signal: Killed.' or '... exited unexpectedly'."""
+    pid = re.search(r"pid(?:\(s\))? ([\d, ]+)", message)
+    signal = re.search(r"signal: ([^.]+)", message)
+    cause = f"killed by signal: {signal.group(1)}" if signal else "it exited unexpectedly"
+    return (f"a decoding worker{f' (pid {pid.group(1).strip()})' if pid else ''} died, {cause} (the out-of-memory "
+            f"killer does this); every row written so far is kept in {path}; run the same command again to resume "
+            "(fewer --workers or a smaller --batch-size use less memory)")
+
+
+def _prepare_model(loaded: model_mod.LoadedModel, settings: ExtractSettings, team: Team, log):
+    if settings.precision == "int8":
+        print("int8: quantizing and compiling both trunks (a minute or so, once per run)", file=log)
+    model = model_mod.prepare(loaded.model, settings.precision, team.device)
+    if settings.precision == "int8":
+        print(f"int8 kernels: {model.int8_kernels}", file=log)
+        if model.int8_kernels.startswith("eager"):
+            print("warning: with eager int8 kernels, `make bench` measured only 1.2-1.6x fp32 and up to 1.7 pp of "
+                  "recall lost (torch's AVX2 code paths); --precision fp32 is exact and may be the better choice",
+                  file=log)
+    if team.device.type == "cuda" and settings.precision == "fp32":
+        # cuDNN convolutions default to TF32 (10-bit mantissa); fp32 must stay exact.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return model
 
 
 def _identity(settings: ExtractSettings, loaded: model_mod.LoadedModel, df) -> dict:

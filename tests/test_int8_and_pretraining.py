@@ -77,9 +77,10 @@ def test_int8_cache_is_another_identity(twin_caches):
 def test_int8_on_a_gpu_and_fp16_on_a_cpu_are_refused_by_name():
     base = extract.ExtractSettings(annotations=None, images=None, cache=ROOT / "never.h5")
     from dataclasses import replace
-    with pytest.raises(extract.ExtractError, match="int8 is the CPU path"):
-        extract.extract(replace(base, precision="int8", device="cuda"))
-    with pytest.raises(extract.ExtractError, match="fp16 is for --device cuda.*int8"):
+    for int8 in ("int8", "int8-fbgemm"):
+        with pytest.raises(extract.ExtractError, match=f"{int8} is a CPU path"):
+            extract.extract(replace(base, precision=int8, device="cuda"))
+    with pytest.raises(extract.ExtractError, match="fp16 is for --device cuda.*auto"):
         extract.extract(replace(base, precision="fp16"))
 
 

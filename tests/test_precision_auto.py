@@ -1,0 +1,155 @@
+"""--precision auto and `cli.py bench`: measured on this machine, recorded per machine, never trusted when stale.
+
+These tests never guess how fast the machine is: they check what auto decides from the rates it
+measured (or from a record the test writes), not which path wins here.
+"""
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import bench
+import cache
+import cli
+import extract
+import model as model_mod
+from conftest import SMALL_CLIP, make_synthetic_cache
+
+
+@pytest.fixture(autouse=True)
+def record_home(tmp_path, monkeypatch):
+    """Every test starts as a first-time user: an empty $XDG_CACHE_HOME of its own."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "xdg"
+
+
+@pytest.fixture(scope="module")
+def small():
+    """The project's small CLIP architecture, random init (fast), with a calibration batch."""
+    loaded = model_mod.load_model(str(SMALL_CLIP[0]), "none")
+    model_mod.take_heads(loaded.model)
+    pixels = torch.randn(bench.CAL_IMAGES, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    tokens = loaded.tokenizer(bench.flickr_like_captions(bench.CAL_CAPTIONS))
+    return loaded, pixels, tokens
+
+
+def run_auto(small, n_images, n_captions, log=None):
+    loaded, pixels, tokens = small
+    return bench.auto_precision(loaded.model, "cpu", pixels, tokens, n_images, n_captions, "small-test", 64,
+                                log or io.StringIO())
+
+
+def test_a_short_job_takes_fp32_without_calibrating(small, record_home):
+    precision, prepared, line = run_auto(small, 24, 120)
+    assert precision == "fp32" and prepared is None
+    assert line.startswith("precision auto: fp32 (a short job")
+    assert not bench.record_path().exists()  # nothing measured beyond the tiny fp32 timing
+
+
+def test_a_long_job_calibrates_every_path_records_it_and_the_next_run_decides_at_once(small, monkeypatch):
+    monkeypatch.setattr(bench, "LONG_JOB_S", float("inf"))  # leave the minute-long compile out of the test
+    precision, _, line = run_auto(small, 10_000_000, 50_000_000)
+    record = json.loads(bench.record_path().read_text())
+    (entry,) = record["entries"].values()
+    assert set(entry) == {"fp32", "bf16", "int8-fbgemm"}
+    faithful = {k: v for k, v in entry.items() if not v["struck"]}
+    best = min(faithful, key=lambda k: bench.projected_s(faithful[k], 10_000_000, 50_000_000))
+    assert precision == best and "calibrated in" in line
+    for m in entry.values():
+        assert m["struck"] or min(m["cos_image"], m["cos_text"]) >= bench.FAITHFUL
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("the record should have decided")
+    monkeypatch.setattr(bench, "measure_path", no_measuring)
+    again, prepared, line = run_auto(small, 10_000_000, 50_000_000)
+    assert again == precision and prepared is None and "from " in line
+
+
+def test_a_path_with_non_finite_features_is_struck_with_its_reason(small, monkeypatch):
+    monkeypatch.setattr(bench, "LONG_JOB_S", float("inf"))
+    prepare = model_mod.prepare
+
+    def broken_bf16(model, precision, device, compile=True):
+        q = prepare(model, precision, device, compile)
+        if precision == "bf16":
+            with torch.no_grad():
+                q.visual.ln_post.weight.fill_(float("nan"))
+        return q
+    monkeypatch.setattr(model_mod, "prepare", broken_bf16)
+    precision, _, line = run_auto(small, 10_000_000, 50_000_000)
+    entry = next(iter(json.loads(bench.record_path().read_text())["entries"].values()))
+    assert entry["bf16"]["struck"] == "non-finite features on the calibration batch"
+    assert precision != "bf16" and "bf16 struck: non-finite" in line
+
+
+@pytest.mark.parametrize("damage", ["broken json", "other machine", "other torch"])
+def test_a_damaged_or_stale_record_is_ignored_with_a_note(small, monkeypatch, damage):
+    monkeypatch.setattr(bench, "LONG_JOB_S", float("inf"))
+    path = bench.record_path()
+    path.parent.mkdir(parents=True)
+    fake = {"fp32": {"image_rate": 1.0, "caption_rate": 1.0, "setup_s": 0.0, "cos_image": 1.0, "cos_text": 1.0,
+                     "struck": ""}}
+    fake["bf16"] = fake["int8-fbgemm"] = {**fake["fp32"], "image_rate": 1000.0, "caption_rate": 1000.0}
+    key = json.loads(json.dumps({"machine": bench.machine("cpu"), "model": "small-test"}))
+    if damage == "broken json":
+        path.write_text('{"version": 1, "entries": {')
+    else:
+        key["machine"]["cpu" if damage == "other machine" else "torch"] = "something else"
+        path.write_text(json.dumps({"version": 1, "entries": {json.dumps(key, sort_keys=True): fake}}))
+    log = io.StringIO()
+    precision, _, line = run_auto(small, 10_000_000, 50_000_000, log)
+    assert "measuring" in log.getvalue() and "calibrated in" in line  # measured, not read
+    entries = json.loads(path.read_text())["entries"]
+    assert json.dumps({"machine": bench.machine("cpu"), "model": "small-test"}, sort_keys=True) in entries
+
+
+def test_extract_auto_records_the_concrete_precision_and_a_resume_keeps_it(shapes, tmp_path):
+    annotations, images = shapes
+    path = tmp_path / "auto.h5"
+    settings = extract.ExtractSettings(annotations=annotations, images=images, cache=path, model=str(SMALL_CLIP[0]),
+                                       pretrained="none", precision="auto", workers=0)
+    log = io.StringIO()
+    extract.extract(settings, log=log)
+    assert "precision auto: fp32 (a short job" in log.getvalue()
+    assert cache.read_attrs(path)["precision"] == "fp32"
+    # A partial cache started in another precision is resumed in that precision, whatever auto would pick.
+    partial = make_synthetic_cache(tmp_path / "partial.h5")
+    import h5py
+    with h5py.File(partial, "r+") as f:
+        f.attrs["precision"] = "int8-fbgemm"
+    resumed = extract._choose_precision(extract.ExtractSettings(annotations=annotations, images=images,
+                                                                cache=partial, precision="auto"),
+                                        None, [], None, None, io.StringIO())
+    assert resumed[0] == "int8-fbgemm" and "was started with" in resumed[2]
+
+
+def test_int8_fbgemm_is_faithful_on_the_real_architecture(extracted, reference_model):
+    """torch.ao's fbgemm int8 (kept as the no-compile int8 path) against fp32 on a random-init ViT-B/32."""
+    import copy
+    loaded = reference_model
+    m = copy.deepcopy(loaded.model)
+    model_mod.take_heads(m)
+    q = model_mod.prepare(copy.deepcopy(m), "int8-fbgemm", "cpu")
+    px = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    tokens = loaded.tokenizer(["a dog runs on the beach", "two people sit near the water ."])
+    cos = torch.nn.functional.cosine_similarity
+    assert float(cos(model_mod.image_features(q, px), model_mod.image_features(m, px)).min()) > 0.99
+    with torch.no_grad():
+        a, b = model_mod.text_features(q, tokens), model_mod.text_features(m, tokens)
+    assert float(cos(a, b).min()) > 0.99 and np.isfinite(a.numpy()).all()
+
+
+def test_bench_ends_with_the_recommendation_and_fills_the_record(shapes, monkeypatch):
+    annotations, images = shapes
+    r = CliRunner().invoke(cli.cli, ["bench", "--model", str(SMALL_CLIP[0]), "--pretrained", "none",
+                                     "--annotations", str(annotations), "--images", str(images)])
+    assert r.exit_code == 0, r.output
+    lines = r.output.strip().splitlines()
+    assert lines[0].startswith("model: ") and lines[1].startswith("machine: ") and "GEMM ceiling" in lines[2]
+    assert lines[-1].startswith("recommended: --precision ") and "24 images, 120 captions" in lines[-1]
+    for path in ("fp32", "bf16", "int8-fbgemm"):
+        assert any(ln.startswith(path + " ") for ln in lines), path
+    assert bench.record_path().exists()
