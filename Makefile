@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench sweep pretrain clean
+.PHONY: setup demo test bench bench-precision sweep pretrain clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ test: setup
 
 bench: setup
 	$(PY) bench.py
+
+# --precision auto end to end against fp32, and int8-fbgemm's recall change on ShapesCLIP (about 10 minutes).
+bench-precision: setup
+	$(PY) bench.py --precision
 
 # The README's probe tables: the small pretrained CLIP on the demo's shifted world, 3 seeds a setting.
 sweep: setup

@@ -362,6 +362,10 @@ def _extract(settings: ExtractSettings, team: Team, log) -> ExtractSummary:
     df, names, splits, image_index = _prepare_rows(df, log)
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    if team.device.type == "cuda" and settings.precision in ("fp32", "auto"):
+        # cuDNN convolutions default to TF32 (10-bit mantissa); fp32 (and auto's fp32 reference) must stay exact.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     loaded = model_mod.load_model(settings.model, settings.pretrained, settings.seed)
     print(f"model: {loaded.description}" + (f" on {team.world} processes" if team.world > 1 else ""), file=log)
     heads = model_mod.take_heads(loaded.model)
@@ -486,10 +490,6 @@ def _prepare_model(loaded: model_mod.LoadedModel, settings: ExtractSettings, tea
             print("warning: with eager int8 kernels, `make bench` measured only 1.2-1.6x fp32 and up to 1.7 pp of "
                   "recall lost (torch's AVX2 code paths); --precision fp32 is exact and may be the better choice",
                   file=log)
-    if team.device.type == "cuda" and settings.precision == "fp32":
-        # cuDNN convolutions default to TF32 (10-bit mantissa); fp32 must stay exact.
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
     return model
 
 

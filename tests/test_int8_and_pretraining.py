@@ -115,6 +115,8 @@ def test_int8_falls_back_to_eager_kernels_when_compiled_ones_disagree(monkeypatc
     assert not hasattr(q.visual, "_orig_mod")  # the eager module, not torch.compile's wrapper
 
 
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() == "AVX2",
+                    reason="this CPU runs AVX2 code paths already: twin_caches checks int8 on them")
 def test_int8_on_avx2_code_paths_is_finite_and_close_to_fp32(tmp_path):
     """Inductor's AVX2 code for these int8 kernels gave NaN here; whatever int8 runs must still be right."""
     code = ("import sys, torch; sys.path.insert(0, '.'); import model as M\n"
