@@ -211,7 +211,7 @@ def bf16_row(model, px) -> tuple:
             f"{t32 / t16:.2f}x", ">= 2x where native")
 
 
-def int8_recall_rows(n_images: int = 3000, seeds=(0, 1, 2)) -> list:
+def int8_recall_rows(n_images: int = 3000, seeds=(0, 1, 2), paths=("int8", "int8-fbgemm")) -> list:
     """What int8 costs in recall on a model that has learned: the demo's world (ShapesCLIP, 3,000 images),
     test split, largest |change| of R@1/5/10 both ways. Two ways: the same heads on fp32 vs int8 features
     (what int8 does), and probes retrained on each cache, averaged over seeds (what a user sees)."""
@@ -221,7 +221,7 @@ def int8_recall_rows(n_images: int = 3000, seeds=(0, 1, 2)) -> list:
     caches, retrained, seconds = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         ann = worlds.make_dataset(Path(tmp) / "target", "target", n_images=n_images, seed=0)
-        for precision in ("fp32", *INT8_PATHS):
+        for precision in ("fp32", *paths):
             path = Path(tmp) / f"{precision}.h5"
             t0 = time.perf_counter()
             extract.extract(extract.ExtractSettings(annotations=ann, images=ann.parent / "images", cache=path,
@@ -238,7 +238,7 @@ def int8_recall_rows(n_images: int = 3000, seeds=(0, 1, 2)) -> list:
         probed = probe.load_checkpoint(Path(tmp) / f"fp32{seeds[0]}.pt")[0]
         rows = []
         where = f"ShapesCLIP, {n_images} target-world images, test split"
-        for path in INT8_PATHS:
+        for path in paths:
             same = {}
             for name, heads in (("zero-shot", probe.Heads.from_cache(caches["fp32"])), ("probed", probed)):
                 a, b = (probe.evaluate_heads(heads, caches[p].split("test")) for p in ("fp32", path))
@@ -254,8 +254,6 @@ def int8_recall_rows(n_images: int = 3000, seeds=(0, 1, 2)) -> list:
                       f"{seconds['fp32'] / seconds[path]:.2f}x", "")]
     return rows
 
-
-INT8_PATHS = ("int8", "int8-fbgemm")
 
 
 def auto_rows(sizes=(96, 1024)) -> list:
@@ -360,6 +358,15 @@ def isa_flags() -> str:
     return " ".join(f for f in flags if f.startswith(("avx2", "avx512", "amx", "avx_vnni", "fma"))) or "none listed"
 
 
+def model_id(loaded) -> str:
+    """What a measurement's model is: architecture, weights, and the config's hash for a config file."""
+    return f"{loaded.arch}|{loaded.pretrained}|{model_mod.text_sha256(loaded.config)}"
+
+
+def record_key(device: str, model: str) -> str:
+    return json.dumps({"machine": machine(device), "model": model}, sort_keys=True)
+
+
 def record_path() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(root) / "finetune-clip-flickr30k" / "precision-record.json"
@@ -448,6 +455,22 @@ def window_factor(tokens: torch.Tensor, batch: int, window: int = 2048) -> float
     return float((padded(lengths) / len(lengths)) / (padded(full) / window))
 
 
+def measure_paths(model, names, device: str, pixels, tokens, text_batch: int) -> tuple[dict, dict]:
+    """(measurements, prepared models) for fp32 and then ``names``, each against fp32's features.
+
+    A path that cannot run here is struck, with its reason, never chosen.
+    """
+    measured, prepared = {}, {}
+    measured["fp32"], prepared["fp32"], ref = measure_path(model, "fp32", device, pixels, tokens, text_batch)
+    for name in names:
+        try:
+            measured[name], prepared[name], _ = measure_path(model, name, device, pixels, tokens, text_batch, ref)
+        except Exception as exc:  # noqa: BLE001
+            measured[name] = {"image_rate": 1e-9, "caption_rate": 1e-9, "setup_s": 0.0, "cos_image": 0.0,
+                              "cos_text": 0.0, "struck": f"failed: {str(exc).splitlines()[0][:80]}"}
+    return measured, prepared
+
+
 def projected_s(m: dict, n_images: int, n_captions: int) -> float:
     return m["setup_s"] + n_images / m["image_rate"] + n_captions / m["caption_rate"]
 
@@ -478,15 +501,14 @@ def auto_precision(model, device: str, pixels, tokens, n_images: int, n_captions
     path is measured on the calibration batch (the job's own images and captions), struck if it is
     not faithful, and the record is written; the calibration's cost counts against the job.
     """
-    key = json.dumps({"machine": machine(device), "model": model_id}, sort_keys=True)
+    key = record_key(device, model_id)
     paths, note = read_record(key)
     if note and log is not None:
         print(f"note: {note}", file=log)
     wanted = [p for p in PATHS[device] if p not in COMPILED]
-    if paths and all(p in paths for p in wanted):
-        if "fp32" in paths and projected_s(paths["fp32"], n_images, n_captions) > LONG_JOB_S:
-            wanted = list(PATHS[device])
-    if paths and all(p in paths for p in wanted):
+    if "fp32" in paths and projected_s(paths["fp32"], n_images, n_captions) > LONG_JOB_S:
+        wanted = list(PATHS[device])
+    if all(p in paths for p in wanted):
         best, _ = choose({k: v for k, v in paths.items() if k in wanted}, n_images, n_captions)
         return best, None, f"precision auto: {describe(best, paths, n_images, n_captions)}; from {record_path()}"
     t0 = time.perf_counter()
@@ -498,15 +520,7 @@ def auto_precision(model, device: str, pixels, tokens, n_images: int, n_captions
                               f"would cost about {calibration:.0f} s)")
     if t32 > LONG_JOB_S:
         wanted = list(PATHS[device])
-    measured, prepared = {}, {}
-    fp32, prepared["fp32"], ref = measure_path(model, "fp32", device, pixels, tokens, text_batch)
-    measured["fp32"] = fp32
-    for name in wanted[1:]:
-        try:
-            measured[name], prepared[name], _ = measure_path(model, name, device, pixels, tokens, text_batch, ref)
-        except Exception as exc:  # noqa: BLE001 - a path that cannot run here is struck, with its reason
-            measured[name] = {"image_rate": 1e-9, "caption_rate": 1e-9, "setup_s": 0.0, "cos_image": 0.0,
-                              "cos_text": 0.0, "struck": f"failed: {str(exc).splitlines()[0][:80]}"}
+    measured, prepared = measure_paths(model, wanted[1:], device, pixels, tokens, text_batch)
     write_record(key, {**paths, **measured})
     best, _ = choose(measured, n_images, n_captions)
     spent = time.perf_counter() - t0
@@ -531,15 +545,8 @@ def machine_check(model, tokenizer, device: str, model_id: str, job: tuple[int, 
     pixels = torch.randn(CAL_IMAGES, 3, size, size, generator=gen)
     tokens = tokenizer(flickr_like_captions(CAL_CAPTIONS))
     paths = [p for p in PATHS[device] if compiled or p not in COMPILED]
-    measured = {}
-    measured["fp32"], _, ref = measure_path(model, "fp32", device, pixels, tokens, 64)
-    for p in paths[1:]:
-        try:
-            measured[p], _, _ = measure_path(model, p, device, pixels, tokens, 64, ref)
-        except Exception as exc:  # noqa: BLE001
-            measured[p] = {"image_rate": 1e-9, "caption_rate": 1e-9, "setup_s": 0.0, "cos_image": 0.0,
-                           "cos_text": 0.0, "struck": f"failed: {str(exc).splitlines()[0][:80]}"}
-    key = json.dumps({"machine": machine(device), "model": model_id}, sort_keys=True)
+    measured, _ = measure_paths(model, paths[1:], device, pixels, tokens, 64)
+    key = record_key(device, model_id)
     write_record(key, {**read_record(key)[0], **measured})
     n_img, n_cap = job or (FLICKR_IMAGES, FLICKR_CAPTIONS)
     where = "this collection" if job else "a Flickr30k-sized job"
@@ -566,11 +573,9 @@ def machine_check(model, tokenizer, device: str, model_id: str, job: tuple[int, 
 
 def precision_main() -> None:
     """`python bench.py --precision`: the auto and int8-fbgemm rows alone (the full bench runs an hour on AVX2)."""
-    global INT8_PATHS
     print(f"{cpu_name_and_flags()[0]} (flags: {isa_flags()}); torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
-    INT8_PATHS = ("int8-fbgemm",)
-    rows = auto_rows() + int8_recall_rows()
+    rows = auto_rows() + int8_recall_rows(paths=("int8-fbgemm",))
     width = max(len(r[0]) for r in rows)
     for name, detail, ratio, budget in rows:
         print(f"{name:{width}}  {ratio:>10}  {budget:>20}  {detail}")

@@ -167,7 +167,7 @@ def locked(path: str | os.PathLike):
 
 
 def create(path: str | os.PathLike, *, image_names, image_splits, captions, caption_image_index,
-           heads: dict, attrs: dict, chunk_rows: int = 256) -> None:
+           heads: dict, attrs: dict, chunk_rows: int = 256, expected_bytes: int | None = None) -> None:
     """Write an empty cache (all rows pending) to a temp file and move it into place.
 
     The file is built in memory (HDF5's core driver) and written with one plain write. Then every
@@ -204,7 +204,7 @@ def create(path: str | os.PathLike, *, image_names, image_splits, captions, capt
         f.attrs["fingerprint"] = ""
         f.flush()
         image = f.id.get_file_image()
-    expected = estimate_bytes(image_names, image_splits, captions, heads)
+    expected = expected_bytes or estimate_bytes(image_names, image_splits, captions, heads)
     with replacing(path) as tmp:
         try:
             with open(tmp, "wb") as out:
@@ -347,15 +347,9 @@ class Writer:
         return ("; ".join(notes) + "; extracting them again") if notes else ""
 
     def finish(self) -> str:
-        """Seal the cache: check every done row, fingerprint its contents, then set ``complete`` last."""
+        """Seal the cache: fingerprint its contents, then set ``complete`` last (load() checks every done row)."""
         if (self.img_status[:] == PENDING).any() or (self.txt_status[:] != DONE).any():
             raise CacheError(f"cache {self.path} still has pending rows; it cannot be finished")
-        with self._writing("the check before the seal"):
-            for features, status in ((self.img_features, self.img_status), (self.txt_features, self.txt_status)):
-                new, unreadable = _sound_status(features, status[:])
-                if unreadable or (new != status[:]).any():
-                    raise CacheError(f"cache {self.path}: rows marked done hold no features after writing; "
-                                     "run the same extract command again to redo them")
         fp = fingerprint(self.f)
         with self._writing("the seal"):
             self.f.attrs["fingerprint"] = fp
@@ -383,7 +377,7 @@ def salvage(path: str | os.PathLike, expected_bytes: int = 0) -> str:
                captions=old["texts/caption"].asstr()[:], caption_image_index=old["texts/image_index"][:],
                heads={k: old["heads"][k][()] for k in ("visual_proj", "text_projection", "logit_scale")},
                attrs={k: v for k, v in attrs.items() if k != "created"},
-               chunk_rows=old["images/features"].chunks[0])
+               chunk_rows=old["images/features"].chunks[0], expected_bytes=expected_bytes)
         w = Writer(fresh, expected_bytes)
         try:
             with w._writing("the salvaged rows"):
@@ -396,11 +390,8 @@ def salvage(path: str | os.PathLike, expected_bytes: int = 0) -> str:
                     except (OSError, RuntimeError):
                         status = np.zeros(features.shape[0], np.uint8)
                     new = np.full_like(status, PENDING)
-                    for s in range(0, features.shape[0], features.chunks[0]):
-                        e = min(features.shape[0], s + features.chunks[0])
-                        try:
-                            block = features[s:e]
-                        except (OSError, RuntimeError):
+                    for s, e, block in _chunks(features):
+                        if block is None:
                             continue
                         done = (status[s:e] == DONE) & np.isfinite(block).all(axis=1)
                         if done.any():
@@ -429,6 +420,18 @@ def salvage(path: str | os.PathLike, expected_bytes: int = 0) -> str:
             "caption rows that read back sound in a rebuilt file")
 
 
+def _chunks(features: h5py.Dataset):
+    """(start, stop, rows) chunk by chunk (flat memory); rows is None where the chunk fails its checksum."""
+    step = features.chunks[0]
+    for s in range(0, features.shape[0], step):
+        e = min(features.shape[0], s + step)
+        try:
+            rows = features[s:e]
+        except (OSError, RuntimeError):
+            rows = None
+        yield s, e, rows
+
+
 def _sound_status(features: h5py.Dataset, status: np.ndarray | None) -> tuple[np.ndarray, int]:
     """The status a dataset's features support, read chunk by chunk (flat memory), and the rows unreadable.
 
@@ -436,18 +439,15 @@ def _sound_status(features: h5py.Dataset, status: np.ndarray | None) -> tuple[np
     overwritten whole with NaN (a whole-chunk write reads nothing) and its rows become pending.
     Without a readable ``status``, rows with finite features are done and the rest pending.
     """
-    n, step = features.shape[0], features.chunks[0]
-    new = np.full(n, PENDING, np.uint8) if status is None else status.copy()
+    new = np.full(features.shape[0], PENDING, np.uint8) if status is None else status.copy()
     unreadable = 0
-    for s in range(0, n, step):
-        e = min(n, s + step)
-        try:
-            finite = np.isfinite(features[s:e]).all(axis=1)
-        except (OSError, RuntimeError):
+    for s, e, rows in _chunks(features):
+        if rows is None:
             features[s:e] = np.full((e - s, features.shape[1]), np.nan, np.float32)
             new[s:e] = PENDING
             unreadable += e - s
             continue
+        finite = np.isfinite(rows).all(axis=1)
         if status is None:
             new[s:e] = np.where(finite, DONE, PENDING)
         else:

@@ -209,8 +209,7 @@ def bench_cmd(annotations, images, shards, model, pretrained, device, compiled):
     loaded = model_mod.load_model(model, pretrained)
     model_mod.take_heads(loaded.model)
     click.echo(f"model: {loaded.description}")
-    model_id = f"{loaded.arch}|{loaded.pretrained}|{model_mod.text_sha256(loaded.config)}"
-    bench.machine_check(loaded.model, loaded.tokenizer, device, model_id, job, compiled=compiled)
+    bench.machine_check(loaded.model, loaded.tokenizer, device, bench.model_id(loaded), job, compiled=compiled)
 
 
 # ---------------------------------------------------------------- probe

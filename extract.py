@@ -8,7 +8,6 @@ heads equal open_clip's ``encode_image`` / ``encode_text`` (tests prove it).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import sys
@@ -291,7 +290,7 @@ def _open_or_create(settings: ExtractSettings, attrs: dict, create_args: dict, n
                 if writer is not None:
                     notes.append("resumed a partial cache")
                 return writer
-    cache_mod.create(path, attrs=attrs, **create_args)
+    cache_mod.create(path, attrs=attrs, expected_bytes=expected, **create_args)
     return cache_mod.Writer(path, expected)
 
 
@@ -453,18 +452,16 @@ def _choose_precision(settings: ExtractSettings, loaded, names, source, df, log)
             break
     captions = df["caption"].to_numpy(dtype=object)
     picks = np.unique(np.linspace(0, len(captions) - 1, min(len(captions), bench.CAL_CAPTIONS)).astype(int))
-    model_id = f"{loaded.arch}|{loaded.pretrained}|{model_mod.text_sha256(loaded.config)}"
     return bench.auto_precision(loaded.model, settings.device, torch.stack(pixels),
-                                loaded.tokenizer(list(captions[picks])), len(names), len(captions), model_id,
+                                loaded.tokenizer(list(captions[picks])), len(names), len(captions),
+                                bench.model_id(loaded),
                                 settings.text_batch_size, log)
 
 
 def _warn_if_bf16_measured_slow(settings: ExtractSettings, loaded, log) -> None:
     """bf16 on a CPU is suggested only where it measured faster: warn when this machine's record says otherwise."""
     import bench
-    model_id = f"{loaded.arch}|{loaded.pretrained}|{model_mod.text_sha256(loaded.config)}"
-    key = json.dumps({"machine": bench.machine("cpu"), "model": model_id}, sort_keys=True)
-    paths = bench.read_record(key)[0]
+    paths = bench.read_record(bench.record_key("cpu", bench.model_id(loaded)))[0]
     if "bf16" in paths and "fp32" in paths and paths["bf16"]["image_rate"] < paths["fp32"]["image_rate"]:
         print(f"warning: bf16 measured {paths['bf16']['image_rate'] / paths['fp32']['image_rate']:.2f}x fp32 on "
               "this CPU (`cli.py bench`); --precision auto takes the fastest faithful path", file=log)

@@ -368,3 +368,31 @@ def test_a_resumed_extract_redoes_rows_that_hold_nothing_and_damaged_chunks(extr
         for key in original:  # the same process and configuration as the original extraction
             assert np.array_equal(original[key], again[key], equal_nan=True), (damage, key)
         assert cache.load(path).image_ok.all()
+
+
+def test_a_cache_hdf5_refuses_to_write_is_rebuilt_from_its_sound_rows(extracted, tmp_path, monkeypatch):
+    """A flush that failed part-way can leave HDF5's own index inconsistent, and HDF5 then refuses writes
+    ('addr overflow'). Resume rebuilds the file from the rows that read back sound, and redoes the rest."""
+    original = arrays(extracted.cache)[0]
+    path = tmp_path / "inconsistent.h5"
+    shutil.copy(extracted.cache, path)
+    _damage(path, image_rows=[2], caption_rows=[5])
+    with h5py.File(path, "r+") as f:
+        f.attrs["complete"] = False
+    repair, calls = cache.Writer.repair, []
+
+    def refused_once(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("Can't synchronously write data (addr overflow, addr = 2658600, size = 2616)")
+        return repair(self)
+    monkeypatch.setattr(cache.Writer, "repair", refused_once)
+    settings = extract.ExtractSettings(**{**extracted.__dict__, "cache": path})
+    summary = extract.extract(settings, log=open(os.devnull, "w"))
+    note = next(n for n in summary.notes if "rebuilt file" in n)
+    assert f"kept the {len(original['images/status']) - 1} image and {len(original['texts/status']) - 1} caption" \
+           in note, note
+    again = arrays(path)[0]
+    for key in original:  # the same process and configuration as the original extraction
+        assert np.array_equal(original[key], again[key], equal_nan=True), key
+    assert not Path(f"{path}.salvage").exists()

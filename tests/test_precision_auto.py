@@ -93,7 +93,7 @@ def test_a_damaged_or_stale_record_is_ignored_with_a_note(small, monkeypatch, da
     fake = {"fp32": {"image_rate": 1.0, "caption_rate": 1.0, "setup_s": 0.0, "cos_image": 1.0, "cos_text": 1.0,
                      "struck": ""}}
     fake["bf16"] = fake["int8-fbgemm"] = {**fake["fp32"], "image_rate": 1000.0, "caption_rate": 1000.0}
-    key = json.loads(json.dumps({"machine": bench.machine("cpu"), "model": "small-test"}))
+    key = json.loads(bench.record_key("cpu", "small-test"))
     if damage == "broken json":
         path.write_text('{"version": 1, "entries": {')
     else:
@@ -103,7 +103,7 @@ def test_a_damaged_or_stale_record_is_ignored_with_a_note(small, monkeypatch, da
     precision, _, line = run_auto(small, 10_000_000, 50_000_000, log)
     assert "measuring" in log.getvalue() and "calibrated in" in line  # measured, not read
     entries = json.loads(path.read_text())["entries"]
-    assert json.dumps({"machine": bench.machine("cpu"), "model": "small-test"}, sort_keys=True) in entries
+    assert bench.record_key("cpu", "small-test") in entries
 
 
 def test_extract_auto_records_the_concrete_precision_and_a_resume_keeps_it(shapes, tmp_path):
