@@ -1,22 +1,21 @@
 """A full disk or a dying worker never leaves a wrong cache that passes for a good one.
 
-A full disk is simulated portably with a soft RLIMIT_FSIZE in a subprocess (Python ignores
+A full disk is simulated portably with a soft RLIMIT_FSIZE in a child process (Python ignores
 SIGXFSZ, so the write fails with EFBIG): at sizes read off an uninterrupted run's own layout
 for the cache's creation, and set to 0 from a chosen write on for the later stages (an image
 batch, a caption window, the seal; their space was taken at creation, so only a failing write,
 not a filling disk, can stop them). Where the machine lets a test mount a small tmpfs, a real
 'No space left on device' is tried too. Every case checks the exit, the one line, that readers refuse the cache,
 and that the same command then finishes it to the uninterrupted run's result, bitwise (same
-command, same process and thread counts).
+command, same process and thread counts). The children are `cli.py extract` forked from a server
+that imported torch once (tests/forked.py).
 """
 import os
 import re
-import resource
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from click.testing import CliRunner
 import cache
 import cli
 import extract
+import forked
 from test_resume import arrays
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,19 +38,14 @@ ARGS = ["--model", str(ROOT / "pretrained" / "ShapesCLIP.json"), "--pretrained",
 
 def cmd(shapes, path, workers=0):
     annotations, images = shapes
-    return [sys.executable, str(ROOT / "cli.py"), "extract", "--annotations", str(annotations), "--images",
-            str(images), "--cache", str(path), "--workers", str(workers), *ARGS]
-
-
-def limited(limit):
-    """preexec_fn: a soft file-size limit (the hard one stays, as a user's disk would not lift)."""
-    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    return ["cli.py", "extract", "--annotations", str(annotations), "--images", str(images), "--cache", str(path),
+            "--workers", str(workers), *ARGS]
 
 
 @pytest.fixture(scope="module")
 def reference(shapes, tmp_path_factory):
     path = tmp_path_factory.mktemp("fault_ref") / "ref.h5"
-    subprocess.run(cmd(shapes, path), check=True, capture_output=True, timeout=300)
+    forked.run(cmd(shapes, path), check=True)
     with h5py.File(path, "r") as f:
         layout = {name: f[name].id.get_chunk_info(0).byte_offset for name in ("images/features", "texts/features")}
     return path, layout  # where the features start: the header (names, captions, heads) lies before
@@ -69,7 +64,7 @@ def assert_refused_then_resumed(shapes, reference, path, out, stage: str, resume
         assert r.exit_code == 1 and "not complete" in r.output
     if not resume:
         return
-    done = subprocess.run(cmd(shapes, path), capture_output=True, text=True, timeout=300)
+    done = forked.run(cmd(shapes, path))
     assert done.returncode == 0, done.stderr[-2000:]
     (a, attrs_a), (b, attrs_b) = arrays(reference[0]), arrays(path)
     for key in a:
@@ -80,7 +75,7 @@ def assert_refused_then_resumed(shapes, reference, path, out, stage: str, resume
 def test_a_full_disk_while_creating_leaves_no_file(shapes, reference, tmp_path):
     """The heads alone are larger than the limit: the new cache cannot be written, and no part of it stays."""
     path = tmp_path / "c.h5"
-    out = subprocess.run(cmd(shapes, path), preexec_fn=limited(64 << 10), capture_output=True, text=True, timeout=300)
+    out = forked.run(cmd(shapes, path), prepare=(forked.file_size_limit, 64 << 10))
     assert "the file size limit was reached (File too large)" in out.stderr
     assert not path.exists() and not Path(f"{path}.tmp").exists()
     assert_refused_then_resumed(shapes, reference, path, out, "the new cache", resume=False)  # nothing to resume
@@ -90,25 +85,9 @@ def test_the_feature_space_is_taken_when_the_cache_is_created(shapes, reference,
     """A limit between the header and the finished size stops the run at creation, before any trunk runs."""
     path = tmp_path / "c.h5"
     limit = (reference[1]["images/features"] + os.path.getsize(reference[0])) // 2
-    out = subprocess.run(cmd(shapes, path), preexec_fn=limited(limit), capture_output=True, text=True, timeout=300)
+    out = forked.run(cmd(shapes, path), prepare=(forked.file_size_limit, limit))
     assert "images:" not in out.stderr and not path.exists()
     assert_refused_then_resumed(shapes, reference, path, out, "the new cache's feature space", resume=False)
-
-
-FAILS_AT = """
-import resource, sys
-sys.path.insert(0, sys.argv.pop(1))
-method, call = sys.argv.pop(1), int(sys.argv.pop(1))
-import cache, cli
-original, calls = getattr(cache.Writer, method), []
-def failing(self, *args):  # from this call on, no write reaches the disk
-    calls.append(1)
-    if len(calls) == call:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
-    return original(self, *args)
-setattr(cache.Writer, method, failing)
-cli.cli()
-"""
 
 
 @pytest.mark.parametrize("method, call, stage", [("write_images", 2, "image rows 8-15"),
@@ -117,8 +96,7 @@ cli.cli()
 def test_a_failed_write_at_each_stage_fails_cleanly_and_resumes(shapes, reference, tmp_path, method, call, stage):
     """Every write fails from a chosen moment on: an image batch (after one was written), a caption window, the seal."""
     path = tmp_path / "c.h5"
-    out = subprocess.run([sys.executable, "-c", FAILS_AT, str(ROOT), method, str(call), *cmd(shapes, path)[2:]],
-                         capture_output=True, text=True, timeout=300)
+    out = forked.run(cmd(shapes, path), prepare=(forked.writes_fail_from, method, call))
     assert "the file size limit was reached (File too large)" in out.stderr, out.stderr[-2000:]
     if method == "write_images":  # the first batch reached the disk, the second did not
         with h5py.File(path, "r") as f:
@@ -148,54 +126,22 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(point)], capture_output=True)
 
 
-def _fill(point: Path) -> Path:
-    filler = point / "filler"
-    with open(filler, "wb") as fh:
-        try:
-            while True:
-                fh.write(b"\0" * 65536)
-                fh.flush()
-        except OSError:
-            pass
-    return filler
-
-
 def _run_and_fill_when(shapes, path, ready):
-    proc = subprocess.Popen(cmd(shapes, path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = forked.start(cmd(shapes, path))
     deadline = time.monotonic() + 300
-    while not ready() and proc.poll() is None:
+    while not ready() and child.poll() is None:
         assert time.monotonic() < deadline
         time.sleep(0.005)
-    filler = _fill(path.parent)
-    stdout, stderr = proc.communicate(timeout=300)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), filler
-
-
-FILLS_AFTER_THE_CHECK = """
-import sys
-sys.path.insert(0, sys.argv.pop(1))
-import extract, cli
-check = extract._check_space
-def check_then_fill(path, *args):  # another program takes the space between the check and the creation
-    check(path, *args)
-    with open(path.parent / "filler", "wb") as fh:
-        try:
-            while True:
-                fh.write(bytes(65536))
-                fh.flush()
-        except OSError:
-            pass
-extract._check_space = check_then_fill
-cli.cli()
-"""
+    filler = forked.fill(path.parent / "filler")
+    child.wait()
+    return subprocess.CompletedProcess(child.args, child.returncode, child.stdout, child.stderr), filler
 
 
 def test_a_real_full_disk_before_creation_fails_cleanly_and_resumes(shapes, reference, tmpfs):
     """The check before the run passes; then another program fills the disk before the cache is written."""
     point = tmpfs(os.path.getsize(reference[0]) * 5 // 4)
     path = point / "c.h5"
-    out = subprocess.run([sys.executable, "-c", FILLS_AFTER_THE_CHECK, str(ROOT), *cmd(shapes, path)[2:]],
-                         capture_output=True, text=True, timeout=300)
+    out = forked.run(cmd(shapes, path), prepare=(forked.disk_fills_after_the_space_check,))
     assert "the disk is full (No space left on device)" in out.stderr, out.stderr[-2000:]
     assert re.search(r"needs about [\d.,]+ MB more and [\d.,]+ [kM]B are free", out.stderr), out.stderr[-2000:]
     assert not path.exists() and not Path(f"{path}.tmp").exists()
@@ -218,7 +164,7 @@ def test_a_disk_that_fills_mid_run_cannot_stop_it(shapes, reference, tmpfs):
 
 def test_a_cache_that_clearly_will_not_fit_is_refused_before_any_work(shapes, reference, tmpfs):
     point = tmpfs(os.path.getsize(reference[0]) // 2)
-    out = subprocess.run(cmd(shapes, point / "c.h5"), capture_output=True, text=True, timeout=300)
+    out = forked.run(cmd(shapes, point / "c.h5"))
     assert out.returncode == 1
     line = out.stderr.strip().splitlines()[-1]
     assert re.match(r"Error: cache .*c\.h5 needs about [\d.]+ MB more, but only [\d.]+ [kM]B are free", line), line
@@ -274,44 +220,20 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-HANGS_AT_ROW_12 = """
-import pathlib, sys, time
-sys.path.insert(0, sys.argv.pop(1))
-marker = pathlib.Path(sys.argv.pop(1))
-import cache, cli, extract
-decode, write = extract._ImageRows.__getitem__, cache.Writer.write_images
-def hang(self, i):  # the worker is busy on the second batch when the test kills it
-    if i == 12:
-        time.sleep(600)
-    return decode(self, i)
-def write_and_tell(self, *args):
-    write(self, *args)
-    marker.touch()  # the first batch is on disk
-extract._ImageRows.__getitem__, cache.Writer.write_images = hang, write_and_tell
-cli.cli()
-"""
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker through /proc")
 def test_a_killed_decoding_worker_ends_the_run_in_one_line_and_it_resumes(shapes, reference, tmp_path):
     path, marker = tmp_path / "c.h5", tmp_path / "first_batch_written"
-    proc = subprocess.Popen([sys.executable, "-c", HANGS_AT_ROW_12, str(ROOT), str(marker),
-                             *cmd(shapes, path, workers=1)[2:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    seen = bytearray()
-    reader = threading.Thread(target=lambda: [seen.extend(c) for c in iter(lambda: proc.stderr.read1(256), b"")],
-                              daemon=True)
-    reader.start()
+    proc = forked.start(cmd(shapes, path, workers=1), prepare=(forked.decoding_hangs_at_row, 12, str(marker)))
     deadline = time.monotonic() + 120
     while not marker.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, bytes(seen).decode()
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
         time.sleep(0.01)
     workers = _children(proc.pid)
     assert len(workers) == 1
     os.kill(workers[0], signal.SIGKILL)  # as the out-of-memory killer would
     killed_at = time.monotonic()
     proc.wait(timeout=120)
-    reader.join(timeout=10)
-    stderr = bytes(seen).decode()
+    stderr = proc.stderr
     assert time.monotonic() - killed_at < 30
     assert proc.returncode == 1 and "Traceback" not in stderr, stderr[-2000:]
     line = [ln for ln in stderr.splitlines() if ln.startswith("Error:")]
@@ -321,7 +243,7 @@ def test_a_killed_decoding_worker_ends_the_run_in_one_line_and_it_resumes(shapes
         cache.load(path)
     with h5py.File(path, "r") as f:
         assert (f["images/status"][:8] == cache.DONE).all() and (f["images/status"][8:] == cache.PENDING).all()
-    done = subprocess.run(cmd(shapes, path, workers=1), capture_output=True, text=True, timeout=300)
+    done = forked.run(cmd(shapes, path, workers=1))
     assert done.returncode == 0, done.stderr[-2000:]
     (a, _), (b, _) = arrays(reference[0]), arrays(path)
     for key in a:  # decoding in a worker process changes no number: the trunks run in the same process

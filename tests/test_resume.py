@@ -2,10 +2,8 @@
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -13,13 +11,15 @@ import h5py
 import numpy as np
 
 import cache
+import forked
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def extract_cmd(annotations, images, path):
-    return [sys.executable, str(ROOT / "cli.py"), "extract", "--annotations", str(annotations), "--images",
-            str(images), "--cache", str(path), "--pretrained", "none", "--batch-size", "4", "--workers", "1"]
+    """`python cli.py extract ...`, run by tests/forked.py (a forked child: its own process, no fresh imports)."""
+    return ["cli.py", "extract", "--annotations", str(annotations), "--images", str(images), "--cache", str(path),
+            "--pretrained", "none", "--batch-size", "4", "--workers", "1"]
 
 
 def arrays(path):
@@ -34,25 +34,13 @@ def run_until(cmd, marker: re.Pattern, rng: random.Random, timeout=300) -> bool:
     The kill follows the run's own progress, not a guess of how long the machine takes, so on
     a fast or a slow machine it lands inside the work (setup, image batches, caption windows).
     """
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    seen = bytearray()
-
-    def read_stderr():  # a pipe left unread would stall the run once it fills
-        while chunk := proc.stderr.read1(256):
-            seen.extend(chunk)
-
-    reader = threading.Thread(target=read_stderr, daemon=True)
-    reader.start()
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None and not marker.search(seen.decode(errors="replace")):
-        assert time.monotonic() < deadline, "extract showed no progress"
-        time.sleep(0.01)
+    proc = forked.start(cmd)
+    forked.wait_for(proc, marker.search, timeout)
     time.sleep(rng.uniform(0, 0.3))
     killed = proc.poll() is None
     if killed:
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: the decoding worker dies too
+        proc.kill_group()  # SIGKILL to its whole session: the decoding worker dies too
     proc.wait()
-    reader.join(timeout=10)
     return killed
 
 
@@ -67,7 +55,7 @@ def complete(path) -> bool:
 def test_sigkill_at_random_points_then_resume(shapes, tmp_path):
     annotations, images = shapes
     ref = tmp_path / "ref.h5"
-    subprocess.run(extract_cmd(annotations, images, ref), check=True, capture_output=True, timeout=300)
+    forked.run(extract_cmd(annotations, images, ref), check=True)
     path = tmp_path / "killed.h5"
     rng = random.Random(0)
     # During setup, after the first image batch is written, and inside the caption windows.
@@ -77,7 +65,7 @@ def test_sigkill_at_random_points_then_resume(shapes, tmp_path):
         kills.append(run_until(extract_cmd(annotations, images, path), re.compile(marker), rng))
         finished.append(complete(path))
     assert sum(kills) >= 2 and not finished[1], (kills, finished)  # the next run had images left to resume
-    done = subprocess.run(extract_cmd(annotations, images, path), capture_output=True, text=True, timeout=300)
+    done = forked.run(extract_cmd(annotations, images, path))
     assert done.returncode == 0, done.stderr
     (a, attrs_a), (b, attrs_b) = arrays(ref), arrays(path)
     for key in a:
@@ -89,7 +77,7 @@ def test_unreadable_partial_file_is_started_afresh(shapes, tmp_path):
     annotations, images = shapes
     path = tmp_path / "broken.h5"
     path.write_bytes(b"\x89HDF\r\n\x1a\n" + os.urandom(4096))  # an HDF5 signature and garbage
-    out = subprocess.run(extract_cmd(annotations, images, path), capture_output=True, text=True, timeout=300)
+    out = forked.run(extract_cmd(annotations, images, path))
     assert out.returncode == 0, out.stderr
     assert "starting it afresh" in out.stderr + out.stdout
     assert cache.load(path).image_ok.all()
@@ -99,7 +87,7 @@ def test_second_extract_on_a_cache_in_use_fails_clearly(shapes, tmp_path):
     annotations, images = shapes
     path = tmp_path / "busy.h5"
     with cache.locked(path):
-        out = subprocess.run(extract_cmd(annotations, images, path), capture_output=True, text=True, timeout=300)
+        out = forked.run(extract_cmd(annotations, images, path))
     assert out.returncode == 1
     assert "in use by another extract" in out.stderr
 
