@@ -97,7 +97,7 @@ def main() -> None:
     ceiling = max(rates.values())
     rows = [("GEMM ceiling (best layout)", ", ".join(f"{k} {v:.0f}" for k, v in rates.items()) + " GFLOP/s",
              f"{ceiling:.0f}", "GFLOP/s")]
-    settings = extract.ExtractSettings(annotations=Path("."), images=Path("."), cache=Path("."))
+    settings = extract.resolve(extract.ExtractSettings(annotations=Path("."), images=Path("."), cache=Path(".")))
     tokens = loaded.tokenizer(flickr_like_captions(settings.text_window))
     px = torch.randn(64, 3, 224, 224)
     text, cap_rate = text_rows(model, ref, tokens, settings.text_batch_size, ceiling)
@@ -113,7 +113,7 @@ def main() -> None:
                      f"{FLICKR_CAPTIONS / c_rate / 60:.1f} min captions" + (f" + {extra:.0f} s to set up"
                                                                            if extra else ""),
                      f"{minutes:.0f} min", "<= 60 min" if name == "fp32" else "<= 40 min"))
-    rows += [memory_row()] + int8_recall_rows() + auto_rows()
+    rows += [memory_row()] + int8_recall_rows() + auto_rows() + decode_recall_rows()
     width = max(len(r[0]) for r in rows)
     print(f"\n{'figure':{width}}  {'measured':>10}  {'budget':>20}  detail")
     for name, detail, ratio, budget in rows:
@@ -215,45 +215,74 @@ def int8_recall_rows(n_images: int = 3000, seeds=(0, 1, 2), paths=("int8", "int8
     """What int8 costs in recall on a model that has learned: the demo's world (ShapesCLIP, 3,000 images),
     test split, largest |change| of R@1/5/10 both ways. Two ways: the same heads on fp32 vs int8 features
     (what int8 does), and probes retrained on each cache, averaged over seeds (what a user sees)."""
+    rows, seconds = recall_change_rows({p: {"precision": p} for p in ("fp32", *paths)}, n_images, seeds)
+    return rows + [(f"ShapesCLIP extract, {path} vs fp32", f"{seconds[path]:.0f} vs {seconds['fp32']:.0f} s for "
+                    f"{n_images} images (a 128-wide toy: int8 pays off at ViT-B/32 widths)",
+                    f"{seconds['fp32'] / seconds[path]:.2f}x", "") for path in paths]
+
+
+def decode_recall_rows(n_images: int = 3000, seeds=(0, 1, 2)) -> list:
+    """What decoding JPEGs on the device (jpeg.py) costs, against PIL: min cosine on random-init ViT-B/32 over
+    Flickr-like JPEGs, and the recall change on ShapesCLIP (its target world: JPEGs of 96-200 px, resized to 64).
+    On a CPU this runs the same code with libjpeg-turbo decoding, so it measures the resize and rounding; nvJPEG's
+    own decoding differs a little more, and only tools/gpu_check.py measures that."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "tools"))
+    import flickr_like
+    rows, _ = recall_change_rows({"cpu": {"decode": "cpu"}, "device": {"decode": "device"}}, n_images, seeds)
+    with tempfile.TemporaryDirectory() as tmp:
+        ann = flickr_like.make(Path(tmp), 64)
+        feats = {}
+        for decode in ("cpu", "device"):
+            extract.extract(extract.ExtractSettings(annotations=ann, images=ann.parent / "images",
+                                                    cache=Path(tmp) / f"{decode}.h5", pretrained="none",
+                                                    decode=decode), log=open(os.devnull, "w"))
+            feats[decode] = torch.from_numpy(cache.load(Path(tmp) / f"{decode}.h5").image_features)
+    cos = float(torch.nn.functional.cosine_similarity(feats["cpu"], feats["device"]).min())
+    return [(f"decode on the device vs PIL: min cosine, image features", "random-init ViT-B/32, 64 Flickr-like "
+             "JPEGs (500x375), decoded by libjpeg-turbo on this CPU", f"{cos:.6f}", ">= 0.999")] + rows
+
+
+def recall_change_rows(variants: dict, n_images: int, seeds) -> tuple[list, dict]:
+    """Recall of ShapesCLIP on its target world for each variant of the extract settings, against the first.
+
+    Returns rows (largest |change| of R@1/5/10 both ways, test split: the same heads, zero-shot and probed on the
+    first variant's cache; probes retrained on each cache, mean over seeds) and each variant's extract seconds.
+    """
     import io
     config, weights = (Path("pretrained") / "ShapesCLIP.json", Path("pretrained") / "ShapesCLIP.pt")
     keys = [(d, k) for d in ("text_to_image", "image_to_text") for k in ("R@1", "R@5", "R@10")]
-    caches, retrained, seconds = {}, {}, {}
+    names, caches, retrained, seconds = list(variants), {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         ann = worlds.make_dataset(Path(tmp) / "target", "target", n_images=n_images, seed=0)
-        for precision in ("fp32", *paths):
-            path = Path(tmp) / f"{precision}.h5"
+        for name, kwargs in variants.items():
+            path = Path(tmp) / f"{name}.h5"
             t0 = time.perf_counter()
             extract.extract(extract.ExtractSettings(annotations=ann, images=ann.parent / "images", cache=path,
-                                                    model=str(config), pretrained=str(weights),
-                                                    precision=precision), log=io.StringIO())
-            seconds[precision] = time.perf_counter() - t0
-            caches[precision] = c = cache.load(path)
+                                                    model=str(config), pretrained=str(weights), **kwargs),
+                            log=io.StringIO())
+            seconds[name] = time.perf_counter() - t0
+            caches[name] = c = cache.load(path)
             runs = []
             for seed in seeds:
-                out = Path(tmp) / f"{precision}{seed}.pt"
-                probe.train(c, probe.ProbeSettings(seed=seed), out, log=io.StringIO())
-                runs.append(probe.evaluate(c, "test", Path(tmp) / f"{precision}{seed}.pt")["probe"])
-            retrained[precision] = {dk: np.mean([r[dk[0]][dk[1]] for r in runs]) for dk in keys}
-        probed = probe.load_checkpoint(Path(tmp) / f"fp32{seeds[0]}.pt")[0]
+                probe.train(c, probe.ProbeSettings(seed=seed), Path(tmp) / f"{name}{seed}.pt", log=io.StringIO())
+                runs.append(probe.evaluate(c, "test", Path(tmp) / f"{name}{seed}.pt")["probe"])
+            retrained[name] = {dk: np.mean([r[dk[0]][dk[1]] for r in runs]) for dk in keys}
+        first = names[0]
+        probed = probe.load_checkpoint(Path(tmp) / f"{first}{seeds[0]}.pt")[0]
         rows = []
         where = f"ShapesCLIP, {n_images} target-world images, test split"
-        for path in paths:
+        for name in names[1:]:
             same = {}
-            for name, heads in (("zero-shot", probe.Heads.from_cache(caches["fp32"])), ("probed", probed)):
-                a, b = (probe.evaluate_heads(heads, caches[p].split("test")) for p in ("fp32", path))
-                same[name] = max(abs(a[d][k] - b[d][k]) for d, k in keys)
-            worst_retrained = max(abs(retrained[path][dk] - retrained["fp32"][dk]) for dk in keys)
-            rows += [(f"{path} recall change, zero-shot heads", where, f"{same['zero-shot']:.2f} pp", "<= 1 pp"),
-                     (f"{path} recall change, same probed heads", where + f" (probe seed {seeds[0]})",
+            for kind, heads in (("zero-shot", probe.Heads.from_cache(caches[first])), ("probed", probed)):
+                a, b = (probe.evaluate_heads(heads, caches[p].split("test")) for p in (first, name))
+                same[kind] = max(abs(a[d][k] - b[d][k]) for d, k in keys)
+            worst = max(abs(retrained[name][dk] - retrained[first][dk]) for dk in keys)
+            rows += [(f"{name} recall change, zero-shot heads", where, f"{same['zero-shot']:.2f} pp", "<= 1 pp"),
+                     (f"{name} recall change, same probed heads", where + f" (probe seed {seeds[0]})",
                       f"{same['probed']:.2f} pp", "<= 1 pp"),
-                     (f"{path} recall change, probes retrained", where + f", mean of seeds {list(seeds)}",
-                      f"{worst_retrained:.2f} pp", "<= 1 pp"),
-                     (f"ShapesCLIP extract, {path} vs fp32", f"{seconds[path]:.0f} vs {seconds['fp32']:.0f} s for "
-                      f"{n_images} images (a 128-wide toy: int8 pays off at ViT-B/32 widths)",
-                      f"{seconds['fp32'] / seconds[path]:.2f}x", "")]
-    return rows
-
+                     (f"{name} recall change, probes retrained", where + f", mean of seeds {list(seeds)}",
+                      f"{worst:.2f} pp", "<= 1 pp")]
+    return rows, seconds
 
 
 def auto_rows(sizes=(96, 1024)) -> list:
@@ -425,7 +454,7 @@ def measure_path(model, name: str, device: str, pixels, tokens, text_batch: int,
         # Best of two: one timing on a shared 2-core machine moves by 20%.
         t_img = min(_timed(lambda: feats.__setitem__("image", model_mod.image_features(q, px).float().cpu()), device)
                     for _ in range(2))
-        t_txt = min(_timed(lambda: feats.__setitem__("text", extract.encode_window(q, tokens, text_batch, device)),
+        t_txt = min(_timed(lambda: feats.__setitem__("text", extract.encode_window(q, tokens, text_batch, device).cpu()),
                            device) for _ in range(2))
     m = {"image_rate": len(px) / t_img, "caption_rate": len(tokens) / t_txt * window_factor(tokens, text_batch),
          "setup_s": setup,
@@ -545,7 +574,8 @@ def machine_check(model, tokenizer, device: str, model_id: str, job: tuple[int, 
     pixels = torch.randn(CAL_IMAGES, 3, size, size, generator=gen)
     tokens = tokenizer(flickr_like_captions(CAL_CAPTIONS))
     paths = [p for p in PATHS[device] if compiled or p not in COMPILED]
-    measured, _ = measure_paths(model, paths[1:], device, pixels, tokens, 64)
+    measured, _ = measure_paths(model, paths[1:], device, pixels, tokens,
+                                extract.defaults_for(device, 1)["text_batch_size"])
     key = record_key(device, model_id)
     write_record(key, {**read_record(key)[0], **measured})
     n_img, n_cap = job or (FLICKR_IMAGES, FLICKR_CAPTIONS)
@@ -571,11 +601,12 @@ def machine_check(model, tokenizer, device: str, model_id: str, job: tuple[int, 
     return best
 
 
-def precision_main() -> None:
-    """`python bench.py --precision`: the auto and int8-fbgemm rows alone (the full bench runs an hour on AVX2)."""
+def part_main(which: str) -> None:
+    """`python bench.py --precision`: the auto and int8-fbgemm rows alone (the full bench runs an hour on AVX2);
+    `python bench.py --decode`: decoding on the device against PIL (fidelity and recall)."""
     print(f"{cpu_name_and_flags()[0]} (flags: {isa_flags()}); torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
-    rows = auto_rows() + int8_recall_rows(paths=("int8-fbgemm",))
+    rows = auto_rows() + int8_recall_rows(paths=("int8-fbgemm",)) if which == "--precision" else decode_recall_rows()
     width = max(len(r[0]) for r in rows)
     for name, detail, ratio, budget in rows:
         print(f"{name:{width}}  {ratio:>10}  {budget:>20}  {detail}")
@@ -583,4 +614,5 @@ def precision_main() -> None:
 
 if __name__ == "__main__":
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    precision_main() if "--precision" in sys.argv[1:] else main()
+    part = [a for a in sys.argv[1:] if a in ("--precision", "--decode")]
+    part_main(part[0]) if part else main()

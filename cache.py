@@ -31,7 +31,8 @@ PENDING, DONE, FAILED = 0, 1, 2
 CHECKED = dict(fletcher32=True)
 # Attributes that change the cache's contents: a resume or a reader that expects
 # other values is refused, naming the attribute.
-IDENTITY = ("model", "model_config", "pretrained", "precision", "annotations_sha256", "seed")
+IDENTITY = ("model", "model_config", "pretrained", "precision", "annotations_sha256", "seed", "image_decode")
+IDENTITY_DEFAULTS = {"image_decode": "pil"}  # what caches made before the attribute existed used
 _STR = h5py.string_dtype("utf-8")
 
 
@@ -244,8 +245,8 @@ def _write_failure(path: Path, what: str, exc: BaseException, expected: int) -> 
 
 
 def mismatch(stored: dict, wanted: dict) -> list[str]:
-    return [f"{k}={stored.get(k)!r} (wanted {wanted[k]!r})"
-            for k in IDENTITY if k in wanted and str(stored.get(k)) != str(wanted[k])]
+    return [f"{k}={stored.get(k, IDENTITY_DEFAULTS.get(k))!r} (wanted {wanted[k]!r})"
+            for k in IDENTITY if k in wanted and str(stored.get(k, IDENTITY_DEFAULTS.get(k))) != str(wanted[k])]
 
 
 class Writer:
@@ -459,7 +460,8 @@ def fingerprint(f: h5py.File) -> str:
     """sha256 over the identity attributes and every stored array, read in slabs (flat memory)."""
     h = hashlib.sha256()
     for k in IDENTITY:
-        h.update(f"{k}={f.attrs.get(k, '')}\n".encode())
+        if k in f.attrs or k not in IDENTITY_DEFAULTS:  # an attribute added later leaves older fingerprints alone
+            h.update(f"{k}={f.attrs.get(k, '')}\n".encode())
     for name in ("images/name", "images/split", "images/status", "images/error", "texts/caption",
                  "texts/image_index", "texts/status", "heads/visual_proj", "heads/text_projection",
                  "heads/logit_scale", "images/features", "texts/features"):

@@ -111,17 +111,22 @@ def _echo_caption_report(report: data.CaptionReport) -> None:
               help="fp32 is exact; auto takes the fastest path that is faithful on this machine for this job "
               "(measured, see `cli.py bench`); int8 (torchao) and int8-fbgemm on CPUs; bf16; fp16 on GPUs")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--text-batch-size", type=click.IntRange(min=1), default=64, show_default=True,
-              help="captions per trunk call (similar lengths batched together)")
-@click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True,
-              help="image-decoding processes")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="images per trunk call  [default: 64 on a CPU, 256 on a GPU]")
+@click.option("--text-batch-size", type=click.IntRange(min=1), default=None,
+              help="captions per trunk call, similar lengths batched together  [default: 64 on a CPU, 1024 on a GPU]")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="processes that decode images and tokenize captions (0: the main process does it)  "
+                   "[default: 1 on a CPU; on a GPU every core but one, up to 32]")
+@click.option("--decode", type=click.Choice(["auto", "cpu", "device"]), default="auto", show_default=True,
+              help="cpu: PIL decodes every image in the workers; device: JPEGs are decoded and resized in batches "
+                   "on the device (nvJPEG on a GPU), anything else by PIL; auto: device on a GPU, cpu on a CPU")
 @click.option("--seed", type=int, default=0, show_default=True, help="random-init seed for --pretrained none")
 @click.option("--strict", is_flag=True, help="exit non-zero, listing them, if any image failed")
 @click.pass_context
 @friendly_errors
 def extract_cmd(ctx, annotations, images, cache_path, shards, fmt, model, pretrained, precision, device, batch_size,
-                text_batch_size, workers, seed, strict):
+                text_batch_size, workers, decode, seed, strict):
     """Run the frozen trunks once and write pre-projection features to an HDF5 cache.
 
     Killed or interrupted, the same command resumes where it stopped. Under
@@ -144,7 +149,7 @@ def extract_cmd(ctx, annotations, images, cache_path, shards, fmt, model, pretra
     settings = extract.ExtractSettings(annotations=annotations, images=images, cache=cache_path, shards=shards,
                                        model=model, pretrained=pretrained, precision=precision, device=device,
                                        batch_size=batch_size, text_batch_size=text_batch_size, workers=workers,
-                                       seed=seed, fmt=fmt, strict=strict)
+                                       decode=decode, seed=seed, fmt=fmt, strict=strict)
     summary = extract.extract(settings)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports for everyone

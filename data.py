@@ -285,6 +285,19 @@ class ImageLoadError(Exception):
         self.reason = reason
 
 
+def read_image_bytes(path: str | os.PathLike) -> bytes:
+    """The file's bytes, with load_image's reasons for a file that is missing or empty."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageLoadError("missing", f"{path} does not exist")
+    if path.stat().st_size == 0:
+        raise ImageLoadError("empty", f"{path} has zero bytes")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ImageLoadError("unreadable", f"{path}: {exc.strerror or exc}") from None
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image fully and return it as RGB, or raise ImageLoadError.
 
@@ -328,6 +341,10 @@ class FolderImages:
 
     def open(self, name: str) -> Image.Image:
         return load_image(self.root / name)
+
+    def read(self, name: str) -> tuple[bytes, str]:
+        """(the file's bytes, the label its failures name), for decoding elsewhere (decode_image)."""
+        return read_image_bytes(self.root / name), str(self.root / name)
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -8,8 +8,10 @@ heads equal open_clip's ``encode_image`` / ``encode_text`` (tests prove it).
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import re
+import shutil
 import sys
 import time
 from collections import Counter
@@ -24,6 +26,7 @@ from tqdm import tqdm
 
 import cache as cache_mod
 import data
+import jpeg
 import model as model_mod
 import shards
 from atomic import replacing
@@ -45,10 +48,12 @@ class ExtractSettings:
     pretrained: str = "openai"    # tag, FILE or 'none'
     precision: str = "fp32"       # fp32 (exact), auto (measured), int8 / int8-fbgemm (CPU), bf16, fp16 (GPU)
     device: str = "cpu"
-    batch_size: int = 64          # images per trunk call
-    text_batch_size: int = 64     # captions per trunk call (sorted by length inside a window)
-    text_window: int = 2048       # captions sorted together and written as one slab (the resume unit)
-    workers: int = 1              # image-decoding processes (0: decode in the main process)
+    # None: chosen from the device and the cores (see defaults_for)
+    batch_size: int | None = None       # images per trunk call
+    text_batch_size: int | None = None  # captions per trunk call (sorted by length inside a window)
+    text_window: int | None = None      # captions sorted together and written as one slab (the resume unit)
+    workers: int | None = None          # decoding and tokenizing processes (0: all in the main process)
+    decode: str = "auto"                # JPEGs decoded by PIL in the workers ('cpu') or on the device ('device')
     threads: int = 0              # torch threads for the trunks (0: one per core)
     strict: bool = False          # any failed image makes the run fail (after the cache is written)
     seed: int = 0                 # random init seed for --pretrained none
@@ -70,31 +75,142 @@ class ExtractSummary:
     notes: list = field(default_factory=list)
 
 
-class _ImageRows(Dataset):
-    """Decodes and preprocesses images by row, in worker processes. A failure is returned, not raised."""
+CPU_DEFAULTS = dict(workers=1, batch_size=64, text_batch_size=64, text_window=2048)
 
-    def __init__(self, source, names, preprocess):
-        self.source, self.names, self.preprocess = source, list(names), preprocess
+
+def defaults_for(device: str, cores: int) -> dict:
+    """Workers and batch sizes that keep ``device`` fed, given ``cores`` CPU cores for this process.
+
+    On a CPU the trunks take the cores: one decoding worker keeps up, and small text batches keep
+    padding low (`make bench`). A GPU's trunks want big batches and many decoders: every core but
+    the one that drives the GPU decodes, text batches are 1,024 captions bucketed by length inside
+    windows of 16,384, and images go 256 at a time.
+    """
+    if torch.device(device).type == "cuda":
+        return dict(workers=max(1, min(cores - 1, 32)), batch_size=256, text_batch_size=1024, text_window=16384)
+    return dict(CPU_DEFAULTS)
+
+
+PREFETCH = 4  # batches each worker keeps ready
+
+
+def resolve(settings: ExtractSettings, world: int = 1) -> ExtractSettings:
+    """``settings`` with every option the user left out chosen for its device (cores shared among processes).
+
+    Decoded batches wait in shared memory (/dev/shm) and RAM. Workers the user left out are cut to what
+    fits; workers or a batch size the user gave that cannot fit are refused with one line, before any work.
+    """
+    chosen = defaults_for(settings.device, max(1, _cores() // world))
+    decode = settings.decode
+    if decode == "auto":
+        decode = "device" if torch.device(settings.device).type == "cuda" else "cpu"
+    out = dataclasses.replace(settings, decode=decode, **{k: v for k, v in chosen.items()
+                                                          if getattr(settings, k) is None})
+    if not out.workers:
+        return out
+    per_worker = PREFETCH * out.batch_size * (3 * 224 * 224 * 4 if decode == "cpu" else 200 << 10)
+    room, where = _room_for_batches()
+    if room is None or out.workers * per_worker <= room:
+        return out
+    if settings.workers is None and per_worker <= room:
+        return dataclasses.replace(out, workers=int(room // per_worker))
+    raise ExtractError(f"{out.workers} worker(s) x {PREFETCH} batches of {out.batch_size} images keep about "
+                       f"{cache_mod.mb(out.workers * per_worker)} of decoded images in flight, but {where} has "
+                       f"{cache_mod.mb(room)} for them; use fewer --workers or a smaller --batch-size")
+
+
+def _cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the machine's)."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _room_for_batches() -> tuple:
+    """(bytes the workers' batches may take, what limits it): the free /dev/shm, and half the free memory."""
+    rooms = []
+    try:
+        rooms.append((os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2, "half the free memory"))
+    except (ValueError, OSError):
+        pass
+    if os.path.isdir("/dev/shm"):
+        try:
+            rooms.append((shutil.disk_usage("/dev/shm").free, "/dev/shm (shared memory)"))
+        except OSError:
+            pass
+    return min(rooms) if rooms else (None, "")
+
+
+class _ImageRows(Dataset):
+    """Decodes and preprocesses images by row, in worker processes. A failure is returned, not raised.
+
+    With ``jpeg_bytes``, a plain JPEG is only read: its bytes go to the main process, which decodes the
+    batch on the device (jpeg.py); every other image is decoded here as before.
+    """
+
+    def __init__(self, source, names, preprocess, jpeg_bytes: bool = False):
+        self.source, self.names, self.preprocess, self.jpeg_bytes = source, list(names), preprocess, jpeg_bytes
 
     def __len__(self):
         return len(self.names)
 
     def __getitem__(self, i):
         try:
-            return i, self.preprocess(self.source.open(self.names[i])), ""
+            if not self.jpeg_bytes:
+                return i, self.preprocess(self.source.open(self.names[i])), "", ""
+            raw, label = self.source.read(self.names[i])
+            if jpeg.plain_jpeg(raw):
+                return i, torch.frombuffer(bytearray(raw), dtype=torch.uint8), "", label
+            return i, self.preprocess(data.decode_image(io.BytesIO(raw), label)), "", label
         except data.ImageLoadError as exc:
-            return i, None, str(exc)
+            return i, None, str(exc), ""
 
 
 def _collate(items):
-    rows = [i for i, _, _ in items]
-    ok = np.array([px is not None for _, px, _ in items])
-    pixels = torch.stack([px for _, px, _ in items if px is not None]) if ok.any() else None
-    return rows, pixels, ok, [err for _, _, err in items]
+    """(rows, the ok rows' items: pixels or JPEG bytes, ok mask, failure reasons, labels)."""
+    return ([i for i, *_ in items], [it for _, it, _, _ in items if it is not None],
+            np.array([it is not None for _, it, _, _ in items]), [err for _, _, err, _ in items],
+            [label for _, it, _, label in items if it is not None])
+
+
+def _first(items):
+    return items[0]
 
 
 def _worker_init(_):
     torch.set_num_threads(1)  # decoding workers must not compete with the trunk's threads
+
+
+class _Writes:
+    """Writes on a background thread, one in flight, so that the next batch computes while this one is written.
+
+    A write's error surfaces at the next ``put`` or at ``drain``, in the calling thread; nothing after a
+    failed write is written. Features are copied off the device and checked in the writing thread.
+    """
+
+    def __init__(self, enabled: bool):
+        from concurrent.futures import ThreadPoolExecutor
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="cache-writes") if enabled else None
+        self.pending = None
+
+    def put(self, fn, *args) -> None:
+        if self.pool is None:
+            return fn(*args)
+        self.drain()
+        self.pending = self.pool.submit(fn, *args)
+
+    def drain(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            if self.pending is not None:
+                self.pending.cancel()
+                try:
+                    self.pending.result()
+                except BaseException:
+                    pass
+            self.pool.shutdown(wait=True)
 
 
 def batches(n: int, size: int) -> list[tuple[int, int]]:
@@ -157,27 +273,66 @@ class Team:
             self.dist.barrier()
 
 
+def _loader(ds, sampler, settings: ExtractSettings, collate):
+    return iter(DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=settings.workers,
+                           worker_init_fn=_worker_init if settings.workers else None,
+                           prefetch_factor=4 if settings.workers else None,
+                           pin_memory=torch.device(settings.device).type == "cuda"))
+
+
 def run_images(model, preprocess, writer, names, source, settings: ExtractSettings, todo: list, team: Team, log):
     """Image batches are fixed row ranges, so a resumed or split run computes exactly the same batches."""
     mine, rounds = team.mine(todo)
-    ds = _ImageRows(source, names, preprocess)
-    loader = iter(DataLoader(ds, batch_sampler=[list(range(s, e)) for s, e in mine], collate_fn=_collate,
-                             num_workers=settings.workers, worker_init_fn=_worker_init if settings.workers else None,
-                             prefetch_factor=4 if settings.workers else None))
+    on_device = jpeg.Preprocess.of(preprocess) if settings.decode == "device" else None
+    ds = _ImageRows(source, names, preprocess, jpeg_bytes=on_device is not None)
+    loader = _loader(ds, [list(range(s, e)) for s, e in mine], settings, _collate)
+    writes = _Writes(team.world == 1 and writer is not None)
     with tqdm(total=sum(e - s for s, e in todo), unit="img", desc="images", file=log, dynamic_ncols=True,
               disable=not todo or not team.writer) as bar:
-        for _ in range(rounds):
-            item = None
-            batch = next(loader, None)
-            if batch is not None:
-                rows, pixels, ok, errors = batch
-                feats = None if pixels is None else \
-                    model_mod.image_features(model, pixels.to(team.device)).cpu().numpy()
-                item = (rows[0], _finite(feats, "image", rows[0], settings.precision), ok, errors)
-            for got in team.gather(item):
-                if got is not None:
-                    writer.write_images(*got)
-                    bar.update(len(got[2]))
+        def write(start, feats, ok, errors):
+            writer.write_images(start, _finite(_host(feats), "image", start, settings.precision), ok, errors)
+            bar.update(len(ok))
+
+        try:
+            for _ in range(rounds):
+                item = None
+                batch = next(loader, None)
+                if batch is not None:
+                    rows, items, ok, errors, labels = batch
+                    pixels = _pixels(items, ok, errors, labels, on_device, preprocess, team.device)
+                    feats = None if pixels is None else model_mod.image_features(model, pixels)
+                    item = (rows[0], feats, ok, errors)
+                if team.world == 1:
+                    if item is not None:
+                        writes.put(write, *item)
+                    continue
+                item = item and (item[0], _finite(_host(item[1]), "image", item[0], settings.precision), *item[2:])
+                for got in team.gather(item):
+                    if got is not None:
+                        writer.write_images(*got)
+                        bar.update(len(got[2]))
+            writes.drain()
+        finally:
+            writes.close()
+
+
+def _pixels(items, ok, errors, labels, on_device, preprocess, device):
+    """The batch's pixels on the device, in row order; rows that fail on every path become failed rows."""
+    if not items:
+        return None
+    if on_device is None:
+        return torch.stack(items).to(device, non_blocking=True)
+    pixels, failures = jpeg.pixels(items, device, on_device, preprocess, labels)
+    for k, reason in failures.items():  # k-th ok row: PIL refused it too
+        row = np.flatnonzero(ok)[k]
+        errors[row] = reason
+    if failures:
+        ok[np.flatnonzero(ok)[list(failures)]] = False
+    return pixels
+
+
+def _host(feats):
+    return None if feats is None else feats.cpu().numpy()
 
 
 def _finite(feats, kind: str, start: int, precision: str):
@@ -195,12 +350,32 @@ def encode_window(model, tokens: torch.Tensor, batch_size: int, device) -> torch
     default batch with 256 on Flickr-length captions.
     """
     order = torch.argsort(tokens.argmax(dim=-1), stable=True)
-    out = torch.empty(len(tokens), model.ln_final.normalized_shape[0])
+    out = torch.empty(len(tokens), model.ln_final.normalized_shape[0], device=device)
+    tokens = tokens.to(device, non_blocking=True)
     for s, e in batches(len(order), batch_size):
-        idx = order[s:e]
+        idx = order[s:e].to(device)
         with torch.no_grad():
-            out[idx] = model_mod.text_features(model, tokens[idx].to(device)).cpu()
+            out[idx] = model_mod.text_features(model, tokens[idx])
     return out
+
+
+class _CaptionWindows(Dataset):
+    """Tokenizes a window of captions (open_clip's own tokenizer), in the workers: off the trunks' path."""
+
+    def __init__(self, tokenizer, captions, windows):
+        self.tokenizer, self.captions, self.windows = tokenizer, captions, windows
+
+    def __len__(self):
+        return len(self.windows)
+
+    def __getitem__(self, k):
+        start, stop = self.windows[k]
+        texts = list(self.captions[start:stop])
+        tokens = self.tokenizer(texts)
+        full = (tokens[:, -1] != 0).numpy()
+        # Only captions that fill the context can have been truncated; re-encode just those to count.
+        n_trunc = sum(len(self.tokenizer.encode(c)) + 2 > tokens.shape[1] for c, f in zip(texts, full) if f)
+        return start, tokens, n_trunc
 
 
 def run_texts(model, tokenizer, writer, captions, settings: ExtractSettings, todo: list, team: Team, log) -> int:
@@ -211,24 +386,34 @@ def run_texts(model, tokenizer, writer, captions, settings: ExtractSettings, tod
     """
     mine, rounds = team.mine(todo)
     truncated = 0
+    loader = _loader(_CaptionWindows(tokenizer, captions, mine), [[k] for k in range(len(mine))], settings, _first)
+    writes = _Writes(team.world == 1 and writer is not None)
     with tqdm(total=sum(e - s for s, e in todo), unit="cap", desc="captions", file=log, dynamic_ncols=True,
               disable=not todo or not team.writer) as bar:
-        for r in range(rounds):
-            item = None
-            if r < len(mine):
-                start, stop = mine[r]
-                tokens = tokenizer(list(captions[start:stop]))
-                full = tokens[:, -1] != 0
-                # Only captions that fill the context can have been truncated; re-encode just those to count.
-                n_trunc = sum(len(tokenizer.encode(c)) + 2 > tokens.shape[1]
-                              for c in captions[start:stop][full.numpy()])
-                feats = encode_window(model, tokens, settings.text_batch_size, team.device).numpy()
-                item = (start, _finite(feats, "caption", start, settings.precision), n_trunc)
-            for got in team.gather(item):
-                if got is not None:
-                    writer.write_texts(got[0], got[1])
-                    truncated += got[2]
-                    bar.update(len(got[1]))
+        def write(start, feats):
+            writer.write_texts(start, _finite(_host(feats), "caption", start, settings.precision))
+            bar.update(len(feats))
+
+        try:
+            for r in range(rounds):
+                item = None
+                if r < len(mine):
+                    start, tokens, n_trunc = next(loader)
+                    item = (start, encode_window(model, tokens, settings.text_batch_size, team.device), n_trunc)
+                if team.world == 1:
+                    if item is not None:
+                        truncated += item[2]
+                        writes.put(write, *item[:2])
+                    continue
+                item = item and (item[0], _finite(_host(item[1]), "caption", item[0], settings.precision), item[2])
+                for got in team.gather(item):
+                    if got is not None:
+                        writer.write_texts(got[0], got[1])
+                        truncated += got[2]
+                        bar.update(len(got[1]))
+            writes.drain()
+        finally:
+            writes.close()
     return truncated
 
 
@@ -337,6 +522,7 @@ def extract(settings: ExtractSettings, log=None) -> ExtractSummary:
     """
     _check(settings)
     team = Team(settings.device)
+    settings = resolve(settings, team.world)
     if not team.writer:
         return _extract(settings, team, open(os.devnull, "w"))
     with cache_mod.locked(settings.cache):
@@ -352,6 +538,8 @@ def _check(settings: ExtractSettings) -> None:
         raise ExtractError("--precision fp16 is for --device cuda; on a CPU use fp32 (exact), or auto (faster)")
     if settings.precision in model_mod.INT8 and settings.device != "cpu":
         raise ExtractError(f"--precision {settings.precision} is a CPU path; on a GPU use bf16, fp16 or auto")
+    if settings.decode not in ("auto", "cpu", "device"):
+        raise ExtractError(f"unknown decode {settings.decode!r}; choose auto, cpu or device")
 
 
 def _extract(settings: ExtractSettings, team: Team, log) -> ExtractSummary:
@@ -472,8 +660,10 @@ def _worker_death(message: str, path: Path) -> str:
     pid = re.search(r"pid(?:\(s\))? ([\d, ]+)", message)
     signal = re.search(r"signal: ([^.]+)", message)
     cause = f"killed by signal: {signal.group(1)}" if signal else "it exited unexpectedly"
-    return (f"a decoding worker{f' (pid {pid.group(1).strip()})' if pid else ''} died, {cause} (the out-of-memory "
-            f"killer does this); every row written so far is kept in {path}; run the same command again to resume "
+    why = ("out of shared memory in /dev/shm" if "Bus error" in cause or "shared memory" in message
+           else "the out-of-memory killer does this")
+    return (f"a decoding worker{f' (pid {pid.group(1).strip()})' if pid else ''} died, {cause} ({why}); every row "
+            f"written so far is kept in {path}; run the same command again to resume "
             "(fewer --workers or a smaller --batch-size use less memory)")
 
 
@@ -495,7 +685,8 @@ def _identity(settings: ExtractSettings, loaded: model_mod.LoadedModel, df) -> d
              "seed": settings.seed if loaded.pretrained == "none" else -1,
              "annotations_sha256": data.annotations_sha256(df),
              "image_root": shards.describe(settings.shards) if settings.shards else str(settings.images.resolve()),
-             "open_clip_version": open_clip.__version__, "torch_version": torch.__version__}
+             "open_clip_version": open_clip.__version__, "torch_version": torch.__version__,
+             "image_decode": "device" if settings.decode == "device" else "pil"}
     if loaded.config:  # a model from a config file: the cache carries the config, so it rebuilds anywhere
         attrs["model_config"] = loaded.config
     if loaded.pretrained.startswith("file:"):

@@ -51,6 +51,10 @@ class TarImages:
     members: dict
 
     def open(self, name: str) -> Image.Image:
+        return data.decode_image(io.BytesIO(self.read(name)[0]), name)
+
+    def read(self, name: str) -> tuple[bytes, str]:
+        """(the member's bytes, the label its failures name)."""
         m = self.members.get(name)
         if m is None:
             raise data.ImageLoadError("missing", f"{name} has no image member")
@@ -61,7 +65,7 @@ class TarImages:
             raw = fh.read(m.size)
         if len(raw) < m.size:
             raise data.ImageLoadError("truncated", f"{name}: the shard ends {m.size - len(raw)} bytes into it")
-        return data.decode_image(io.BytesIO(raw), name)
+        return raw, name
 
 
 @dataclass
