@@ -98,7 +98,8 @@ def resolve(settings: ExtractSettings, world: int = 1) -> ExtractSettings:
     """``settings`` with every option the user left out chosen for its device (cores shared among processes).
 
     Decoded batches wait in shared memory (/dev/shm) and RAM. Workers the user left out are cut to what
-    fits; workers or a batch size the user gave that cannot fit are refused with one line, before any work.
+    fits (to none, where not even one fits: the main process decodes); workers the user gave that cannot
+    fit with the batch size are refused with one line, before any work.
     """
     chosen = defaults_for(settings.device, max(1, _cores() // world))
     decode = settings.decode
@@ -112,7 +113,7 @@ def resolve(settings: ExtractSettings, world: int = 1) -> ExtractSettings:
     room, where = _room_for_batches()
     if room is None or out.workers * per_worker <= room:
         return out
-    if settings.workers is None and per_worker <= room:
+    if settings.workers is None:  # as many as fit; none, and the main process decodes (no shared memory)
         return dataclasses.replace(out, workers=int(room // per_worker))
     raise ExtractError(f"{out.workers} worker(s) x {PREFETCH} batches of {out.batch_size} images keep about "
                        f"{cache_mod.mb(out.workers * per_worker)} of decoded images in flight, but {where} has "
@@ -165,10 +166,15 @@ class _ImageRows(Dataset):
 
 
 def _collate(items):
-    """(rows, the ok rows' items: pixels or JPEG bytes, ok mask, failure reasons, labels)."""
-    return ([i for i, *_ in items], [it for _, it, _, _ in items if it is not None],
-            np.array([it is not None for _, it, _, _ in items]), [err for _, _, err, _ in items],
-            [label for _, it, _, label in items if it is not None])
+    """(rows, the ok rows' pixels stacked, or their items where some are JPEG bytes; ok mask, reasons, labels).
+
+    Runs in the worker: a batch of pixels travels as one tensor, stacked there, not in the trunks' process.
+    """
+    ok_items = [it for _, it, _, _ in items if it is not None]
+    if ok_items and not any(it.dtype == torch.uint8 for it in ok_items):
+        ok_items = torch.stack(ok_items)
+    return ([i for i, *_ in items], ok_items, np.array([it is not None for _, it, _, _ in items]),
+            [err for _, _, err, _ in items], [label for _, it, _, label in items if it is not None])
 
 
 def _first(items):
@@ -318,10 +324,10 @@ def run_images(model, preprocess, writer, names, source, settings: ExtractSettin
 
 def _pixels(items, ok, errors, labels, on_device, preprocess, device):
     """The batch's pixels on the device, in row order; rows that fail on every path become failed rows."""
-    if not items:
+    if len(items) == 0:
         return None
-    if on_device is None:
-        return torch.stack(items).to(device, non_blocking=True)
+    if isinstance(items, torch.Tensor):  # decoded by PIL in the worker, stacked there
+        return items.to(device, non_blocking=True)
     pixels, failures = jpeg.pixels(items, device, on_device, preprocess, labels)
     for k, reason in failures.items():  # k-th ok row: PIL refused it too
         row = np.flatnonzero(ok)[k]

@@ -58,6 +58,7 @@ def test_workers_that_cannot_fit_are_cut_when_chosen_and_refused_when_given(monk
     monkeypatch.setattr(extract, "_room_for_batches", lambda: (3 * per_worker, "/dev/shm (shared memory)"))
     monkeypatch.setattr(extract, "_cores", lambda: 16)
     assert extract.resolve(base, world=1).workers == 3  # chosen for the user: cut to what fits
+    assert extract.resolve(replace(base, batch_size=4096)).workers == 0  # not one fits: the main process decodes
     with pytest.raises(extract.ExtractError, match=r"^8 worker\(s\) x 4 batches of 256 images keep about .* but "
                                                    r"/dev/shm \(shared memory\) has .*; use fewer --workers"):
         extract.resolve(replace(base, workers=8))
