@@ -103,8 +103,12 @@ def resolve(settings: ExtractSettings, world: int = 1) -> ExtractSettings:
     """
     chosen = defaults_for(settings.device, max(1, _cores() // world))
     decode = settings.decode
-    if decode == "auto":
-        decode = "device" if torch.device(settings.device).type == "cuda" else "cpu"
+    if decode == "auto":  # the device where it decodes JPEGs (a torchvision without nvJPEG does not): else PIL
+        decode = "device" if torch.device(settings.device).type == "cuda" and \
+            jpeg.decodes_on(settings.device) is None else "cpu"
+    elif decode == "device" and (why := jpeg.decodes_on(settings.device)):
+        raise ExtractError(f"--decode device: torchvision cannot decode JPEGs on {settings.device} here ({why}); "
+                           "use --decode cpu")
     out = dataclasses.replace(settings, decode=decode, **{k: v for k, v in chosen.items()
                                                           if getattr(settings, k) is None})
     if not out.workers:

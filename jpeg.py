@@ -65,6 +65,18 @@ class Preprocess:
         return out
 
 
+def decodes_on(device) -> str | None:
+    """None if torchvision decodes a JPEG on ``device`` here (a build without nvJPEG cannot); else why not."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buf, "JPEG")
+    raw = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    try:
+        torchvision.io.decode_jpeg(raw, mode=torchvision.io.ImageReadMode.RGB, device=device)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+    return None
+
+
 def plain_jpeg(raw: bytes) -> bool:
     """A JPEG the device decodes as PIL would open it: RGB or greyscale, no EXIF rotation, its end marker present.
 

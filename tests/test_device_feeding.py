@@ -44,6 +44,7 @@ def test_defaults_come_from_the_device_and_the_cores():
 
 def test_what_the_user_sets_is_kept_and_the_rest_is_chosen(monkeypatch):
     monkeypatch.setattr(extract, "_room_for_batches", lambda: (None, ""))
+    monkeypatch.setattr(jpeg, "decodes_on", lambda device: None)  # as a GPU with nvJPEG would
     base = extract.ExtractSettings(annotations=None, images=None, cache=ROOT / "never.h5")
     cpu = extract.resolve(base)
     assert (cpu.workers, cpu.batch_size, cpu.text_batch_size, cpu.text_window, cpu.decode) == (1, 64, 64, 2048, "cpu")
@@ -52,7 +53,19 @@ def test_what_the_user_sets_is_kept_and_the_rest_is_chosen(monkeypatch):
     assert extract.resolve(replace(base, device="cuda")).decode == "device"
 
 
+def test_a_device_that_cannot_decode_jpegs_leaves_them_to_pil_or_is_refused_by_name(monkeypatch):
+    monkeypatch.setattr(extract, "_room_for_batches", lambda: (None, ""))
+    assert jpeg.decodes_on("cpu") is None
+    monkeypatch.setattr(jpeg, "decodes_on", lambda device: "RuntimeError: not compiled with nvJPEG")
+    base = extract.ExtractSettings(annotations=None, images=None, cache=ROOT / "never.h5", device="cuda")
+    assert extract.resolve(base).decode == "cpu"
+    with pytest.raises(extract.ExtractError, match=r"--decode device: torchvision cannot decode JPEGs on cuda here "
+                                                   r"\(RuntimeError: not compiled with nvJPEG\); use --decode cpu"):
+        extract.resolve(replace(base, decode="device"))
+
+
 def test_workers_that_cannot_fit_are_cut_when_chosen_and_refused_when_given(monkeypatch):
+    monkeypatch.setattr(jpeg, "decodes_on", lambda device: None)
     base = extract.ExtractSettings(annotations=None, images=None, cache=ROOT / "never.h5", device="cuda")
     per_worker = extract.PREFETCH * 256 * (200 << 10)
     monkeypatch.setattr(extract, "_room_for_batches", lambda: (3 * per_worker, "/dev/shm (shared memory)"))
