@@ -285,13 +285,19 @@ class ImageLoadError(Exception):
         self.reason = reason
 
 
-def read_image_bytes(path: str | os.PathLike) -> bytes:
-    """The file's bytes, with load_image's reasons for a file that is missing or empty."""
+def _present(path: str | os.PathLike) -> Path:
+    """``path``, if it names a file with something in it; else ImageLoadError 'missing' or 'empty'."""
     path = Path(path)
     if not path.is_file():
         raise ImageLoadError("missing", f"{path} does not exist")
     if path.stat().st_size == 0:
         raise ImageLoadError("empty", f"{path} has zero bytes")
+    return path
+
+
+def read_image_bytes(path: str | os.PathLike) -> bytes:
+    """The file's bytes, with load_image's reasons for a file that is missing or empty."""
+    path = _present(path)
     try:
         return path.read_bytes()
     except OSError as exc:
@@ -307,11 +313,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     CMYK, palette and greyscale converted by PIL. An ordinary RGB file goes through
     untouched, so open_clip's own preprocessing sees the same pixels.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ImageLoadError("missing", f"{path} does not exist")
-    if path.stat().st_size == 0:
-        raise ImageLoadError("empty", f"{path} has zero bytes")
+    path = _present(path)
     return decode_image(path, str(path))
 
 

@@ -189,38 +189,47 @@ def _worker_init(_):
     torch.set_num_threads(1)  # decoding workers must not compete with the trunk's threads
 
 
-class _Writes:
-    """Writes on a background thread, one in flight, so that the next batch computes while this one is written.
+class _Output:
+    """A rank's results on their way to the cache, through ``write(start, features, ...)``.
 
-    A write's error surfaces at the next ``put`` or at ``drain``, in the calling thread; nothing after a
-    failed write is written. Features are copied off the device and checked in the writing thread.
+    In one process they are written on a background thread, one batch in flight, so that the next batch
+    computes meanwhile; a write's error surfaces at the next ``put`` or when the block ends, in the caller's
+    thread, and nothing after a failed write is written. Under torchrun they are gathered to rank 0, which
+    writes everyone's. Either way the features leave the device in ``write`` (see _host).
     """
 
-    def __init__(self, enabled: bool):
+    def __init__(self, team: "Team", write):
         from concurrent.futures import ThreadPoolExecutor
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="cache-writes") if enabled else None
-        self.pending = None
+        self.team, self.write, self.pending = team, write, None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="cache-writes") if team.world == 1 else None
 
-    def put(self, fn, *args) -> None:
+    def put(self, item) -> None:
         if self.pool is None:
-            return fn(*args)
-        self.drain()
-        self.pending = self.pool.submit(fn, *args)
+            item = item and (item[0], _host(item[1]), *item[2:])  # gather_object pickles: host arrays only
+            for got in self.team.gather(item):
+                if got is not None:
+                    self.write(*got)
+        elif item is not None:
+            self._drain()
+            self.pending = self.pool.submit(self.write, *item)
 
-    def drain(self) -> None:
+    def _drain(self) -> None:
         pending, self.pending = self.pending, None
         if pending is not None:
             pending.result()
 
-    def close(self) -> None:
-        if self.pool is not None:
-            if self.pending is not None:
-                self.pending.cancel()
-                try:
-                    self.pending.result()
-                except BaseException:
-                    pass
-            self.pool.shutdown(wait=True)
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if self.pool is None:
+            return
+        if kind is None:
+            self._drain()  # the last write's error, raised here
+        elif self.pending is not None:
+            self.pending.cancel()
+            self.pending.exception()  # let it finish; the error already under way is the one to report
+        self.pool.shutdown(wait=True)
 
 
 def batches(n: int, size: int) -> list[tuple[int, int]]:
@@ -296,34 +305,21 @@ def run_images(model, preprocess, writer, names, source, settings: ExtractSettin
     on_device = jpeg.Preprocess.of(preprocess) if settings.decode == "device" else None
     ds = _ImageRows(source, names, preprocess, jpeg_bytes=on_device is not None)
     loader = _loader(ds, [list(range(s, e)) for s, e in mine], settings, _collate)
-    writes = _Writes(team.world == 1 and writer is not None)
     with tqdm(total=sum(e - s for s, e in todo), unit="img", desc="images", file=log, dynamic_ncols=True,
               disable=not todo or not team.writer) as bar:
         def write(start, feats, ok, errors):
             writer.write_images(start, _finite(_host(feats), "image", start, settings.precision), ok, errors)
             bar.update(len(ok))
 
-        try:
+        with _Output(team, write) as out:
             for _ in range(rounds):
                 item = None
                 batch = next(loader, None)
                 if batch is not None:
                     rows, items, ok, errors, labels = batch
                     pixels = _pixels(items, ok, errors, labels, on_device, preprocess, team.device)
-                    feats = None if pixels is None else model_mod.image_features(model, pixels)
-                    item = (rows[0], feats, ok, errors)
-                if team.world == 1:
-                    if item is not None:
-                        writes.put(write, *item)
-                    continue
-                item = item and (item[0], _finite(_host(item[1]), "image", item[0], settings.precision), *item[2:])
-                for got in team.gather(item):
-                    if got is not None:
-                        writer.write_images(*got)
-                        bar.update(len(got[2]))
-            writes.drain()
-        finally:
-            writes.close()
+                    item = (rows[0], None if pixels is None else model_mod.image_features(model, pixels), ok, errors)
+                out.put(item)
 
 
 def _pixels(items, ok, errors, labels, on_device, preprocess, device):
@@ -342,7 +338,8 @@ def _pixels(items, ok, errors, labels, on_device, preprocess, device):
 
 
 def _host(feats):
-    return None if feats is None else feats.cpu().numpy()
+    """Features as a host array (None stays None; an array gathered from another rank is one already)."""
+    return feats if feats is None or isinstance(feats, np.ndarray) else feats.cpu().numpy()
 
 
 def _finite(feats, kind: str, start: int, precision: str):
@@ -359,11 +356,11 @@ def encode_window(model, tokens: torch.Tensor, batch_size: int, device) -> torch
     Small batches keep each bucket tight (little padding); `make bench` compares the
     default batch with 256 on Flickr-length captions.
     """
-    order = torch.argsort(tokens.argmax(dim=-1), stable=True)
+    order = torch.argsort(tokens.argmax(dim=-1), stable=True).to(device)
     out = torch.empty(len(tokens), model.ln_final.normalized_shape[0], device=device)
     tokens = tokens.to(device, non_blocking=True)
     for s, e in batches(len(order), batch_size):
-        idx = order[s:e].to(device)
+        idx = order[s:e]
         with torch.no_grad():
             out[idx] = model_mod.text_features(model, tokens[idx])
     return out
@@ -397,33 +394,21 @@ def run_texts(model, tokenizer, writer, captions, settings: ExtractSettings, tod
     mine, rounds = team.mine(todo)
     truncated = 0
     loader = _loader(_CaptionWindows(tokenizer, captions, mine), [[k] for k in range(len(mine))], settings, _first)
-    writes = _Writes(team.world == 1 and writer is not None)
     with tqdm(total=sum(e - s for s, e in todo), unit="cap", desc="captions", file=log, dynamic_ncols=True,
               disable=not todo or not team.writer) as bar:
-        def write(start, feats):
+        def write(start, feats, n_truncated):
+            nonlocal truncated
             writer.write_texts(start, _finite(_host(feats), "caption", start, settings.precision))
+            truncated += n_truncated
             bar.update(len(feats))
 
-        try:
+        with _Output(team, write) as out:
             for r in range(rounds):
                 item = None
                 if r < len(mine):
                     start, tokens, n_trunc = next(loader)
                     item = (start, encode_window(model, tokens, settings.text_batch_size, team.device), n_trunc)
-                if team.world == 1:
-                    if item is not None:
-                        truncated += item[2]
-                        writes.put(write, *item[:2])
-                    continue
-                item = item and (item[0], _finite(_host(item[1]), "caption", item[0], settings.precision), item[2])
-                for got in team.gather(item):
-                    if got is not None:
-                        writer.write_texts(got[0], got[1])
-                        truncated += got[2]
-                        bar.update(len(got[1]))
-            writes.drain()
-        finally:
-            writes.close()
+                out.put(item)
     return truncated
 
 

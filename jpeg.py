@@ -114,21 +114,20 @@ def pixels(items: list, device, prep: Preprocess, cpu_preprocess, labels: list) 
     """
     jpegs = [i for i, it in enumerate(items) if it.dtype == torch.uint8]
     decoded = dict(zip(jpegs, decode([items[i] for i in jpegs], device))) if jpegs else {}
-    failures, ready, done = {}, {}, []
-    for i in jpegs:
-        if decoded[i] is None:  # the device refused it: PIL decides
-            try:
-                im = data.decode_image(io.BytesIO(items[i].numpy().tobytes()), labels[i])
-                ready[i] = cpu_preprocess(im).to(device)
-            except data.ImageLoadError as exc:
-                failures[i] = str(exc)
-        else:
-            done.append(i)
-    if done:
-        for i, px in zip(done, prep([decoded[i] for i in done])):
-            ready[i] = px
-    for i, it in enumerate(items):
-        if it.dtype != torch.uint8:
-            ready[i] = it.to(device, non_blocking=True)
-    keep = [i for i in range(len(items)) if i in ready]
-    return (torch.stack([ready[i] for i in keep]) if keep else None), failures
+    ready, failures = {i: it for i, it in enumerate(items) if it.dtype != torch.uint8}, {}
+    for i in (i for i in jpegs if decoded[i] is None):  # the device refused it: PIL decides
+        try:
+            ready[i] = cpu_preprocess(data.decode_image(io.BytesIO(items[i].numpy().tobytes()), labels[i]))
+        except data.ImageLoadError as exc:
+            failures[i] = str(exc)
+    keep = [i for i in range(len(items)) if i not in failures]
+    if not keep:
+        return None, failures
+    out = torch.empty(len(keep), 3, *prep.crop, device=device)
+    row = {i: k for k, i in enumerate(keep)}
+    on_device = [i for i in jpegs if decoded[i] is not None]
+    if on_device:
+        out[[row[i] for i in on_device]] = prep([decoded[i] for i in on_device])
+    for i, px in ready.items():
+        out[row[i]] = px.to(device, non_blocking=True)
+    return out, failures
