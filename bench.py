@@ -269,8 +269,12 @@ def recall_change_rows(variants: dict, n_images: int, seeds) -> tuple[list, dict
             retrained[name] = np.array([[r[d][k] for d, k in keys] for r in runs])  # seeds x keys
         first = names[0]
         probed = probe.load_checkpoint(Path(tmp) / f"{first}{seeds[0]}.pt")[0]
-        rows = []
         where = f"ShapesCLIP, {n_images} target-world images, test split"
+        rows = []
+        if len(seeds) > 1:  # what retraining alone moves, against which a retrained change must be read
+            spread = retrained[first].std(0, ddof=1)
+            rows.append((f"retraining noise on the {first} cache", where + f", R@1/5/10 both ways, standard deviation "
+                         f"over seeds {list(seeds)}", f"{spread.min():.2f}-{spread.max():.2f} pp", ""))
         for name in names[1:]:
             same = {}
             for kind, heads in (("zero-shot", probe.Heads.from_cache(caches[first])), ("probed", probed)):
