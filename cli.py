@@ -106,10 +106,11 @@ def _echo_caption_report(report: data.CaptionReport) -> None:
 @click.option("--model", default="ViT-B-32", show_default=True,
               help="an open_clip model name, or an open_clip model-config JSON file")
 @click.option("--pretrained", default="openai", show_default=True, help="an open_clip tag, a local FILE, or 'none'")
-@click.option("--precision", type=click.Choice(["fp32", "auto", "int8", "int8-fbgemm", "bf16", "fp16"]),
+@click.option("--precision", type=click.Choice(["fp32", "auto", "int8", "int8-fbgemm", "int8-ort", "bf16", "fp16"]),
               default="fp32", show_default=True,
               help="fp32 is exact; auto takes the fastest path that is faithful on this machine for this job "
-              "(measured, see `cli.py bench`); int8 (torchao) and int8-fbgemm on CPUs; bf16; fp16 on GPUs")
+              "(measured, see `cli.py bench`); int8 (torchao), int8-fbgemm and int8-ort (ONNX Runtime) on CPUs; bf16; "
+              "fp16 on GPUs")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="images per trunk call  [default: 64 on a CPU, 256 on a GPU]")
@@ -187,7 +188,9 @@ def _echo_extract_summary(s) -> None:
 @click.option("--model", default="ViT-B-32", show_default=True)
 @click.option("--pretrained", default="openai", show_default=True, help="an open_clip tag, a local FILE, or 'none'")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--compiled", is_flag=True, help="also measure int8 with torch.compile (about a minute more)")
+@click.option("--compiled", is_flag=True,
+              help="also measure the paths that cost about a minute first: int8 compiled by torch.compile, "
+              "and int8-ort before its export (kept for later runs)")
 @friendly_errors
 def bench_cmd(annotations, images, shards, model, pretrained, device, compiled):
     """Check this machine: every extraction path's speed, fidelity and one-time cost, and which one to use.

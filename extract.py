@@ -665,8 +665,11 @@ def _worker_death(message: str, path: Path) -> str:
 def _prepare_model(loaded: model_mod.LoadedModel, settings: ExtractSettings, team: Team, log):
     if settings.precision == "int8":
         print("int8: quantizing and compiling both trunks (a minute or so, once per run)", file=log)
+    if settings.precision == "int8-ort":
+        print("int8-ort: loading both trunks in ONNX Runtime (the first time for a model: exporting and quantizing "
+              "them, a minute or so, kept for later runs)", file=log)
     model = model_mod.prepare(loaded.model, settings.precision, team.device)
-    if settings.precision == "int8":
+    if settings.precision in ("int8", "int8-ort"):
         print(f"int8 kernels: {model.int8_kernels}", file=log)
         if model.int8_kernels.startswith("eager"):
             print("warning: with eager int8 kernels, `make bench` measured only 1.2-1.6x fp32 and up to 1.7 pp of "

@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 CAST = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # weights cast to a dtype
-# int8 paths quantize instead: torchao (compiled where its kernels agree), or torch.ao's fbgemm kernels.
-INT8 = ("int8", "int8-fbgemm")
+# int8 paths quantize instead: torchao (compiled where its kernels agree), torch.ao's fbgemm kernels, or
+# ONNX Runtime (onnx_int8.py: exported and quantized once per model, kept on disk).
+INT8 = ("int8", "int8-fbgemm", "int8-ort")
 PRECISIONS = (*CAST, *INT8)
 
 
@@ -231,8 +232,8 @@ def take_heads(model: torch.nn.Module) -> dict:
 def image_features(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """ln_post output at the class token (the model's heads must have been taken out)."""
     assert model.visual.proj is None, "take_heads(model) first"
-    dtype = model.visual.conv1.weight.dtype
-    return model.visual(pixels.to(dtype)).float()
+    conv1 = getattr(model.visual, "conv1", None)  # an ONNX Runtime trunk has none: it takes fp32
+    return model.visual(pixels.to(conv1.weight.dtype if conv1 is not None else torch.float32)).float()
 
 
 def text_features(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -259,6 +260,9 @@ def prepare(model: torch.nn.Module, precision: str, device, compile: bool = True
         return quantize_int8(model, compile)
     if precision == "int8-fbgemm":
         return quantize_int8_fbgemm(model)
+    if precision == "int8-ort":
+        from onnx_int8 import quantize_int8_ort
+        return quantize_int8_ort(model)
     return model.to(device=device, dtype=CAST[precision])
 
 

@@ -1,5 +1,9 @@
 """Tiny offline fixtures: a generated captioned-shapes set, a random-init ViT-B/32, synthetic caches."""
+import atexit
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +13,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cache  # noqa: E402
 import worlds  # noqa: E402
+
+# The suite never reads or writes the user's ~/.cache: the per-machine precision record and int8-ort's exported
+# trunks live under $XDG_CACHE_HOME, for the tests a folder of this run's own (tests that need an empty one set theirs).
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="finetune-clip-tests-xdg-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
 
 @pytest.fixture(scope="session")

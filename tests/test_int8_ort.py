@@ -1,0 +1,87 @@
+"""int8-ort: both trunks in ONNX Runtime, exported and quantized once per model, kept on disk and checked."""
+import copy
+
+import pytest
+import torch
+
+import bench
+import model as model_mod
+import onnx_int8
+from conftest import SMALL_CLIP
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def small(home):
+    """The small CLIP architecture, random init (its export takes seconds), and its int8-ort twin, built here."""
+    loaded = model_mod.load_model(str(SMALL_CLIP[0]), "none")
+    model_mod.take_heads(loaded.model)
+    return loaded, model_mod.prepare(copy.deepcopy(loaded.model), "int8-ort", "cpu")
+
+
+def features(net, loaded, pixels, captions):
+    with torch.no_grad():
+        return model_mod.image_features(net, pixels), model_mod.text_features(net, loaded.tokenizer(captions))
+
+
+PIXELS = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+CAPTIONS = ["a", "a red circle above a blue square", " ".join(["long"] * 90), *bench.flickr_like_captions(40)]
+
+
+def test_features_agree_with_fp32_at_every_batch_and_caption_length(small):
+    loaded, q = small
+    assert q.int8_build_s > 0 and "built in" in q.int8_kernels
+    cos = torch.nn.functional.cosine_similarity
+    for pixels, captions in ((PIXELS[:1], CAPTIONS[:1]), (PIXELS, CAPTIONS)):
+        (ref_img, ref_txt), (img, txt) = (features(n, loaded, pixels, captions) for n in (loaded.model, q))
+        assert img.shape == ref_img.shape and txt.shape == ref_txt.shape
+        assert not torch.equal(img, ref_img) and not torch.equal(txt, ref_txt)  # it ran int8, not fp32
+        assert float(cos(img, ref_img).min()) > 0.999 and float(cos(txt, ref_txt).min()) > 0.999
+
+
+def test_a_second_use_loads_the_kept_files(small):
+    loaded, q = small
+    again = model_mod.prepare(copy.deepcopy(loaded.model), "int8-ort", "cpu")
+    assert again.int8_build_s == 0 and "(reused:" in again.int8_kernels
+    for a, b in zip(features(q, loaded, PIXELS, CAPTIONS), features(again, loaded, PIXELS, CAPTIONS)):
+        assert torch.equal(a, b)  # the same files, the same threads
+
+
+def test_damaged_files_are_rebuilt_never_used(small):
+    loaded, q = small
+    folder = onnx_int8.root() / onnx_int8.key(loaded.model)
+    manifest = (folder / "manifest.json").read_text()
+    (folder / "manifest.json").write_text(manifest[:-3])  # cut short
+    assert onnx_int8._sound(folder) == "incomplete (JSONDecodeError)" and not onnx_int8.built(loaded.model)
+    (folder / "manifest.json").write_text(manifest)
+    raw = bytearray((folder / "visual.onnx").read_bytes())
+    raw[len(raw) // 2] ^= 0x40  # one flipped bit in the weights: ONNX Runtime would load it and compute wrong features
+    (folder / "visual.onnx").write_bytes(raw)
+    assert bench.slow_to_start(loaded.model) == ("int8", "int8-ort")  # auto counts the export again
+    rebuilt = model_mod.prepare(copy.deepcopy(loaded.model), "int8-ort", "cpu")
+    assert rebuilt.int8_build_s > 0 and "damaged: visual.onnx does not match its checksum" in rebuilt.int8_kernels
+    for a, b in zip(features(q, loaded, PIXELS, CAPTIONS), features(rebuilt, loaded, PIXELS, CAPTIONS)):
+        assert torch.equal(a, b)
+    assert bench.slow_to_start(loaded.model) == ("int8",)
+
+
+def test_auto_counts_the_export_only_while_the_files_are_missing(small):
+    """A record's int8-ort build counts until its files are on disk; a record without a timed build is re-measured."""
+    loaded, _ = small
+    m = {"image_rate": 10.0, "caption_rate": 100.0, "setup_s": 1.0, "build_s": 60.0, "cos_image": 1.0,
+         "cos_text": 1.0, "struck": ""}
+    record = {"fp32": {**m, "build_s": 0.0}, "int8-ort": m}
+    assert onnx_int8.built(loaded.model)
+    assert bench._built_now(record, loaded.model)["int8-ort"]["build_s"] == 0.0
+    other = model_mod.load_model(str(SMALL_CLIP[0]), "none", seed=1).model  # other weights: nothing built
+    model_mod.take_heads(other)
+    assert bench._built_now(record, other)["int8-ort"]["build_s"] == 60.0
+    assert "int8-ort" not in bench._built_now({**record, "int8-ort": {**m, "build_s": 0.0}}, other)
+    kept = bench._keep_build(record, {"int8-ort": {**m, "build_s": 0.0}})
+    assert kept["int8-ort"]["build_s"] == 60.0  # reused now: the build measured before stays on record
