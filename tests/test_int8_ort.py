@@ -85,3 +85,23 @@ def test_auto_counts_the_export_only_while_the_files_are_missing(small):
     assert "int8-ort" not in bench._built_now({**record, "int8-ort": {**m, "build_s": 0.0}}, other)
     kept = bench._keep_build(record, {"int8-ort": {**m, "build_s": 0.0}})
     assert kept["int8-ort"]["build_s"] == 60.0  # reused now: the build measured before stays on record
+
+
+def test_auto_takes_int8_ort_from_the_record_once_its_files_are_on_disk(small):
+    """A record where int8-ort is fastest: a short job takes it at once while its files are on disk, and leaves it
+    out (a minute of export, whatever the record says) for a model whose files are not."""
+    import io
+
+    loaded, _ = small
+    m = {"image_rate": 10.0, "caption_rate": 100.0, "setup_s": 0.0, "build_s": 0.0, "cos_image": 1.0,
+         "cos_text": 1.0, "struck": ""}
+    record = {"fp32": m, "bf16": {**m, "image_rate": 1.0}, "int8-fbgemm": {**m, "image_rate": 15.0},
+              "int8-ort": {**m, "image_rate": 20.0, "build_s": 1.0}}  # would win even with its build counted
+    other = model_mod.load_model(str(SMALL_CLIP[0]), "none", seed=1).model
+    model_mod.take_heads(other)
+    pixels, tokens = torch.zeros(2, 3, 64, 64), loaded.tokenizer(["a red circle"] * 4)
+    for net, expected in ((loaded.model, "int8-ort"), (other, "int8-fbgemm")):
+        bench.write_record(bench.record_key("cpu", "ort-test"), record)
+        precision, prepared, line = bench.auto_precision(net, "cpu", pixels, tokens, 200, 1000, "ort-test",
+                                                         log=io.StringIO())
+        assert (precision, prepared) == (expected, None) and "; from " in line
