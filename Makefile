@@ -22,7 +22,8 @@ test: setup
 bench: setup
 	$(PY) bench.py
 
-# --precision auto end to end against fp32, and int8-fbgemm's recall change on ShapesCLIP (about 10 minutes).
+# --precision auto end to end against fp32 (first time, and after `cli.py bench --compiled`), and the recall change
+# of int8-fbgemm and int8-ort on ShapesCLIP (about 20 minutes on 2 AVX2 cores).
 bench-precision: setup
 	$(PY) bench.py --precision
 
