@@ -592,8 +592,9 @@ def auto_precision(model, device: str, pixels, tokens, n_images: int, n_captions
                    text_batch: int = 64, log=None) -> tuple[str, object, str]:
     """(precision, its prepared model or None, the one line that says what auto took and why).
 
-    With a record for this machine and model, it decides at once. Without one, fp32 is timed on a
-    tiny batch first: a job too short to repay the calibration takes fp32 straight away. Otherwise every
+    With a record for this machine and model, it decides at once. Without one, a job of at most 60 calibration
+    batches takes fp32 at once (too short to repay calibrating, whatever the machine's speed); a larger one
+    times fp32 on a tiny batch first, and takes fp32 if that says it is still too short. Otherwise every
     path is measured on the calibration batch (the job's own images and captions), struck if it is
     not faithful, and the record is written; the calibration's cost counts against the job.
     """
@@ -610,6 +611,11 @@ def auto_precision(model, device: str, pixels, tokens, n_images: int, n_captions
     if all(p in paths for p in wanted):
         best, _ = choose({k: v for k, v in paths.items() if k in wanted}, n_images, n_captions)
         return best, None, f"precision auto: {describe(best, paths, n_images, n_captions)}; from {record_path()}"
+    if n_images <= 60 * len(pixels) and n_captions <= 60 * len(tokens):
+        # Shorter on any machine than the 10 calibrations the check below asks for (calibrating runs these pixels
+        # and tokens about 6 times, plus 3 s): nothing needs timing to know it.
+        return "fp32", None, (f"precision auto: fp32 (a short job, {n_images} images and {n_captions} captions: "
+                              "calibrating the other paths would cost more than they could save)")
     t0 = time.perf_counter()
     tiny, _, _ = measure_path(model, "fp32", device, pixels[:2], tokens[:32], text_batch)
     t32 = projected_s(tiny, n_images, n_captions)

@@ -42,11 +42,18 @@ def run_auto(small, n_images, n_captions, log=None):
                                 log or io.StringIO())
 
 
-def test_a_short_job_takes_fp32_without_calibrating(small, record_home):
-    precision, prepared, line = run_auto(small, 24, 120)
-    assert precision == "fp32" and prepared is None
+def test_a_short_job_takes_fp32_without_calibrating(small, record_home, monkeypatch):
+    """Up to 60 calibration batches (8 images, 128 captions) nothing is timed; one image more, fp32 is timed on a
+    tiny batch (2 images) before anything else is."""
+    timed = []
+    real = bench.measure_path
+    monkeypatch.setattr(bench, "measure_path", lambda *a, **k: timed.append(len(a[3])) or real(*a, **k))
+    precision, prepared, line = run_auto(small, 60 * 8, 60 * 128)
+    assert precision == "fp32" and prepared is None and timed == []
     assert line.startswith("precision auto: fp32 (a short job")
-    assert not bench.record_path().exists()  # nothing measured beyond the tiny fp32 timing
+    run_auto(small, 60 * 8 + 1, 60 * 128)
+    assert timed[0] == 2
+    assert not bench.record_path().exists() or len(timed) > 1  # a record only where the paths were calibrated
 
 
 def test_a_long_job_calibrates_every_path_records_it_and_the_next_run_decides_at_once(small, monkeypatch):
