@@ -164,7 +164,14 @@ def quantize_int8_ort(model: torch.nn.Module) -> torch.nn.Module:
         why = _sound(folder) if folder.exists() else "not built yet"
         t0 = time.perf_counter()
         if why:
-            build(model, folder)
+            try:
+                build(model, folder)
+            except Exception as exc:  # noqa: BLE001 - a full disk or an exporter failure, told in one line
+                from model import ModelError
+                raise ModelError(f"int8-ort could not export the trunks into {folder.parent} "
+                                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
+                                 "free space there or point XDG_CACHE_HOME elsewhere, or choose another "
+                                 "--precision") from exc
         build_s = time.perf_counter() - t0
     import onnxruntime as ort
     threads = torch.get_num_threads()

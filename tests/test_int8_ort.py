@@ -105,3 +105,21 @@ def test_auto_takes_int8_ort_from_the_record_once_its_files_are_on_disk(small):
         precision, prepared, line = bench.auto_precision(net, "cpu", pixels, tokens, 200, 1000, "ort-test",
                                                          log=io.StringIO())
         assert (precision, prepared) == (expected, None) and "; from " in line
+
+
+def test_an_export_that_fails_is_one_line_and_leaves_nothing_behind(small, monkeypatch, tmp_path):
+    """A full disk (here: the exporter failing with ENOSPC) is told in one line; no half-built folder stays."""
+    import errno
+
+    loaded, _ = small
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+
+    def full(model, folder):
+        (folder / "visual.fp32.onnx").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(onnx_int8, "_export", full)
+    with pytest.raises(model_mod.ModelError, match=r"int8-ort could not export the trunks into .*No space left on "
+                       r"device.*XDG_CACHE_HOME") as err:
+        model_mod.prepare(copy.deepcopy(loaded.model), "int8-ort", "cpu")
+    assert "\n" not in str(err.value)
+    assert [p.name for p in onnx_int8.root().iterdir() if not p.name.endswith(".lock")] == []
