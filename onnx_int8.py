@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from model import ModelError, file_sha256
+
 FILES = ("visual.onnx", "transformer.onnx")
 LAYOUT = 1  # bump when what is exported or how it is quantized changes
 
@@ -76,20 +78,12 @@ def key(model: torch.nn.Module) -> str:
     return h.hexdigest()[:24]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _sound(folder: Path) -> str:
     """'' when the kept files are complete and match their checksums, else why not."""
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
         for name in FILES:
-            if _sha256(folder / name) != manifest["sha256"][name]:
+            if file_sha256(folder / name) != manifest["sha256"][name]:
                 return f"{name} does not match its checksum"
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"incomplete ({type(exc).__name__})"
@@ -140,7 +134,7 @@ def build(model: torch.nn.Module, folder: Path) -> None:
     try:
         _export(model, tmp)
         _quantize(tmp)
-        manifest = {"layout": LAYOUT, "sha256": {name: _sha256(tmp / name) for name in FILES}}
+        manifest = {"layout": LAYOUT, "sha256": {name: file_sha256(tmp / name) for name in FILES}}
         for p in tmp.glob("*.fp32.onnx*"):
             p.unlink()
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -167,7 +161,6 @@ def quantize_int8_ort(model: torch.nn.Module) -> torch.nn.Module:
             try:
                 build(model, folder)
             except Exception as exc:  # noqa: BLE001 - a full disk or an exporter failure, told in one line
-                from model import ModelError
                 raise ModelError(f"int8-ort could not export the trunks into {folder.parent} "
                                  f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
                                  "free space there or point XDG_CACHE_HOME elsewhere, or choose another "
