@@ -10,18 +10,17 @@ kept under ``$XDG_CACHE_HOME/finetune-clip-flickr30k/onnx-int8/``, keyed by the 
 torch and ONNX Runtime versions, with a checksum of every file; later runs load it in about a second.
 Files whose checksum fails are rebuilt, never used.
 
-Weights are unsigned 8-bit over their full range, in both trunks. Measured against fp32 on an AVX2-only
-EPYC (no VNNI), min cosine of the features:
+Weights are unsigned 8-bit over their full range, in both trunks. `make bench`'s "int8-ort weights" rows
+compare the others (weight_variants); on an AVX2-only EPYC (no VNNI), random-init ViT-B/32, min cosine to fp32:
 - signed 7-bit weights (``reduce_range``, what CPUs without VNNI need so that signed weights do not
-  overflow their 16-bit pair sums) take faster kernels (a single GEMM of the text's shapes ran 1.6-2.2x
-  fp32 against 1.3-1.8x) but lost more: text 0.998 on a random-init ViT-B/32, and on ShapesCLIP image
-  0.99865 against 0.99939, moving the same probed heads' recall 1.33 pp against 0.53 pp (test split);
-- signed 8-bit weights overflowed there: image 0.994.
+  overflow their 16-bit pair sums) take faster kernels but lost more: text 0.99728 against 0.99906;
+- signed 8-bit weights overflowed there: image 0.99378 against 0.99992.
 The norms, the attention scores, the patch and token embeddings stay fp32.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import hashlib
 import io
@@ -106,12 +105,31 @@ def _export(model: torch.nn.Module, folder: Path) -> None:
                               dynamo=True, verbose=False)
 
 
-def _quantize(folder: Path) -> None:
+def _quantize(folder: Path, out: Path | None = None, signed: bool = False, reduce_range: bool = False) -> None:
+    """The fp32 exports in ``folder``, quantized into ``out`` (default: beside them). The shipped weights are
+    unsigned at full range; the others are for `make bench`'s comparison."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     for name in FILES:
         with _quiet():
-            quantize_dynamic(folder / name.replace(".onnx", ".fp32.onnx"), folder / name,
-                             weight_type=QuantType.QUInt8, per_channel=True, reduce_range=False)
+            quantize_dynamic(folder / name.replace(".onnx", ".fp32.onnx"), (out or folder) / name,
+                             weight_type=QuantType.QInt8 if signed else QuantType.QUInt8, per_channel=True,
+                             reduce_range=reduce_range)
+
+
+def weight_variants(model: torch.nn.Module, folder: Path) -> dict:
+    """{label: int8-ort copy of ``model``} for each weight type `make bench` compares, exported once into ``folder``."""
+    _export(model, folder)
+    out = {}
+    for label, signed, reduce_range in (("unsigned 8-bit (shipped)", False, False),
+                                        ("signed 7-bit (reduce_range)", True, True),
+                                        ("signed 8-bit", True, False)):
+        sub = folder / label.split(" (")[0].replace(" ", "-")
+        sub.mkdir()
+        _quantize(folder, sub, signed, reduce_range)
+        q = copy.deepcopy(model)
+        q.visual, q.transformer = (OnnxTrunk(sub / name, torch.get_num_threads()) for name in FILES)
+        out[label] = q
+    return out
 
 
 @contextlib.contextmanager
