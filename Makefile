@@ -23,11 +23,11 @@ bench: setup
 	$(PY) bench.py
 
 # --precision auto end to end against fp32 (first time, and after `cli.py bench --compiled`), and the recall change
-# of int8-fbgemm and int8-ort on ShapesCLIP (about 20 minutes on 2 AVX2 cores).
+# of int8-fbgemm and int8-ort on ShapesCLIP, 30 probe seeds a cache (about 25 minutes on 2 AVX2 cores).
 bench-precision: setup
 	$(PY) bench.py --precision
 
-# Decoding JPEGs on the device (jpeg.py) against PIL: min cosine on ViT-B/32, recall on ShapesCLIP (about 5 minutes).
+# Decoding JPEGs on the device (jpeg.py) against PIL: min cosine on ViT-B/32, recall on ShapesCLIP (about 8 minutes).
 bench-decode: setup
 	$(PY) bench.py --decode
 
