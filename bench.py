@@ -29,7 +29,7 @@ from atomic import replacing
 
 FLICKR_IMAGES, FLICKR_CAPTIONS = 31_783, 158_915
 # Probes retrained per cache for the recall rows. Retraining alone moves R@K by 0.6-1.9 pp (standard deviation, fp32
-# cache); 6 seeds left +-1.3 pp intervals that could not settle a 1 pp budget, 30 seeds narrow them to about +-0.6.
+# cache); 6 seeds left +-1.3 to +-2.2 pp intervals that could not settle a 1 pp budget, 30 seeds about +-0.6.
 SEEDS = tuple(range(30))
 WORDS = ("a man woman dog child girl boy in the red blue shirt is running on grass beach street with two "
          "people playing sitting near water ball black white young standing front of building").split()
