@@ -123,7 +123,12 @@ def main() -> None:
         onnx_int8._quantize(folder)
         row("int8-ort as shipped (unsigned 8-bit everywhere)",
             with_trunks(*(onnx_int8.OnnxTrunk(folder / f, threads) for f in onnx_int8.FILES)))
-        for role, nodes in linear_roles(text).items():
+        roles = linear_roles(text)
+        counts = {role: len(nodes) for role, nodes in roles.items()}
+        if set(counts.values()) != {len(model.transformer.resblocks)}:
+            sys.exit(f"int8_options: the exported text graph's linear layers were not told apart ({counts}, one "
+                     "a block expected); the exporter's node names changed")
+        for role, nodes in roles.items():
             out = folder / role.replace(" ", "_")
             out.mkdir()
             quantize_dynamic(text, out / "signed.onnx", weight_type=QuantType.QInt8, per_channel=True,
