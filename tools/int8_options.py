@@ -110,13 +110,13 @@ def main() -> None:
         row("OpenVINO int8 weights (NNCF compress_weights)", with_trunks(*(OpenVinoTrunk(core, m, threads)
                                                                            for m in weights)))
         images = [px[i:i + 8].numpy() for i in range(0, len(px), 8)]
-        embedded = []
+        embedded = []  # what the text trunk is fed, taken from the project's own text path as it runs
+        hook = model.transformer.register_forward_pre_hook(
+            lambda _, args, kwargs: embedded.append([args[0].numpy(), kwargs["attn_mask"].numpy()]), with_kwargs=True)
         with torch.no_grad():
             for s in range(0, 512, batch):
-                t = tokens[s:s + batch]
-                n = max(int((t != 0).sum(1).max()), 2)
-                x = model.token_embedding(t[:, :n]) + model.positional_embedding[:n]
-                embedded.append([x.numpy(), model.attn_mask[:n, :n].numpy()])
+                model_mod.text_features(model, tokens[s:s + batch])
+        hook.remove()
         static = [nncf.quantize(core.read_model(str(p)), nncf.Dataset(data), model_type=nncf.ModelType.TRANSFORMER,
                                 subset_size=len(data)) for p, data in zip(exported, (images, embedded))]
         row("OpenVINO static int8 (NNCF quantize, transformer)", with_trunks(*(OpenVinoTrunk(core, m, threads)
