@@ -45,6 +45,25 @@ def test_features_agree_with_fp32_at_every_batch_and_caption_length(small):
         assert float(cos(img, ref_img).min()) > 0.999 and float(cos(txt, ref_txt).min()) > 0.999
 
 
+@pytest.mark.parametrize("arch", [str(SMALL_CLIP[0]), "ViT-B-32"])
+def test_the_attention_written_out_for_export_is_open_clips_own(arch):
+    """ExportBlocks (what int8-ort exports) against open_clip's Transformer, both trunks, the text one masked."""
+    model = model_mod.load_model(arch, "none").model.eval()
+    g = torch.Generator().manual_seed(0)
+    for owner, mask in ((model.visual, None), (model, model.attn_mask[:13, :13])):
+        assert onnx_int8.ExportBlocks.fits(owner.transformer)  # else export keeps open_clip's blocks as they are
+        width = owner.transformer.width
+        x = torch.randn(3, 13, width, generator=g)
+        with torch.no_grad():
+            ref, ours = owner.transformer(x, attn_mask=mask), onnx_int8.ExportBlocks(owner.transformer)(x, mask)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    with onnx_int8._written_out(model):
+        assert isinstance(model.transformer, onnx_int8.ExportBlocks)
+        assert isinstance(model.visual.transformer, onnx_int8.ExportBlocks)
+    assert not isinstance(model.transformer, onnx_int8.ExportBlocks)  # put back
+    assert not isinstance(model.visual.transformer, onnx_int8.ExportBlocks)
+
+
 def test_a_second_use_loads_the_kept_files(small):
     loaded, q = small
     again = model_mod.prepare(copy.deepcopy(loaded.model), "int8-ort", "cpu")

@@ -51,15 +51,16 @@ class OpenVinoTrunk(torch.nn.Module):
 
 
 def linear_roles(path: Path) -> dict:
-    """{role: [node names]} of the text trunk's linear layers in the exported graph, told apart by their input."""
+    """{role: [node names]} of the text trunk's linear layers in the exported graph, told apart by their weights'
+    (in, out) shape: (w, 3w) attention in_proj, (w, w) out_proj, (w, 4w) MLP c_fc, (4w, w) MLP c_proj."""
     import onnx
     graph = onnx.load(str(path), load_external_data=False).graph
+    shapes = {t.name: tuple(t.dims) for t in graph.initializer}
     roles = {"attention in_proj": [], "attention out_proj": [], "MLP c_fc": [], "MLP c_proj": []}
     for node in graph.node:
-        source = node.input[0] if node.input else ""
-        role = ("attention out_proj" if node.op_type == "Gemm" else None if node.op_type != "MatMul" else
-                "MLP c_fc" if source.startswith("layer_norm") else "MLP c_proj" if source.startswith("gelu") else
-                "attention in_proj" if source.startswith("transpose") and node.input[1].startswith("val_") else None)
+        k, n = shapes.get(node.input[1], (0, 0)) if node.op_type == "MatMul" and len(node.input) > 1 else (0, 0)
+        role = ("attention in_proj" if n == 3 * k else "attention out_proj" if n == k else
+                "MLP c_fc" if n == 4 * k else "MLP c_proj" if 4 * n == k else None) if k else None
         if role:
             roles[role].append(node.name)
     return roles
@@ -144,7 +145,7 @@ def main() -> None:
         # faithful int8 ONNX Runtime has, through its MatMulNBits kernels.
         for f in exported:
             q = MatMulNBitsQuantizer(str(f), bits=8, block_size=32, is_symmetric=True, accuracy_level=4,
-                                     op_types_to_quantize=("MatMul",))  # it takes no Gemm: out_proj stays fp32
+                                     op_types_to_quantize=("MatMul",))  # every linear layer is a MatMul in the export
             q.process()
             q.model.save_model_to_file(str(f.with_suffix(".nbits.onnx")), False)
         row("ONNX Runtime MatMulNBits, 8-bit, blocks of 32", with_trunks(*(
