@@ -62,7 +62,8 @@ class ExportBlocks(torch.nn.Module):
         """Whether every block is the plain kind written out here (batch first, one packed q/k/v projection)."""
         return getattr(transformer, "batch_first", False) and all(
             isinstance(r.attn, torch.nn.MultiheadAttention) and r.attn.batch_first and r.attn.in_proj_weight
-            is not None and not hasattr(r, "ln_1_kv") for r in transformer.resblocks)
+            is not None and r.attn.bias_k is None and not r.attn.add_zero_attn and not hasattr(r, "ln_1_kv")
+            for r in transformer.resblocks)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, width = x.shape

@@ -58,7 +58,8 @@ def linear_roles(path: Path) -> dict:
     shapes = {t.name: tuple(t.dims) for t in graph.initializer}
     roles = {"attention in_proj": [], "attention out_proj": [], "MLP c_fc": [], "MLP c_proj": []}
     for node in graph.node:
-        k, n = shapes.get(node.input[1], (0, 0)) if node.op_type == "MatMul" and len(node.input) > 1 else (0, 0)
+        dims = shapes.get(node.input[1], ()) if node.op_type == "MatMul" and len(node.input) > 1 else ()
+        k, n = dims if len(dims) == 2 else (0, 0)
         role = ("attention in_proj" if n == 3 * k else "attention out_proj" if n == k else
                 "MLP c_fc" if n == 4 * k else "MLP c_proj" if 4 * n == k else None) if k else None
         if role:
