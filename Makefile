@@ -23,7 +23,8 @@ bench: setup
 	$(PY) bench.py
 
 # --precision auto end to end against fp32 (first time, and after `cli.py bench --compiled`), and the recall change
-# of int8-fbgemm and int8-ort on ShapesCLIP, 30 probe seeds a cache (about 25 minutes on 2 AVX2 cores).
+# of int8-fbgemm and int8-ort on ShapesCLIP, 10,000 images, 30 probe seeds a cache (about 50 minutes on 2 AVX2
+# cores).
 bench-precision: setup
 	$(PY) bench.py --precision
 
