@@ -19,9 +19,9 @@ The norms, the attention scores, the patch and token embeddings stay fp32.
 
 The trunks are exported with their attention written out (``ExportBlocks``): the same arithmetic as open_clip's
 ``nn.MultiheadAttention``, in fewer layout operations (the text graph's Reshapes and Transposes fall from 133 and 96
-to 48 and 36). On the AVX2 EPYC the int8 text trunk ran 1.47-1.58x fp32 written out, against 1.39-1.51x as
-``nn.MultiheadAttention`` exports, in the same four runs (tools/int8_text_pairs.py: the median of paired ratios
-over 20 to 40 alternations of 512 captions; a gain of 0 to 0.08); the image trunk did not move.
+to 48 and 36). On the AVX2 EPYC (flags avx2 fma) the int8 text trunk ran 1.47x and 1.51x fp32 written out, against
+1.39x and 1.51x as ``nn.MultiheadAttention`` exports, in two runs of tools/int8_text_pairs.py 20 (the median of
+paired ratios over 20 alternations of 512 captions): a gain of 0 to 0.08; the image trunk did not move.
 """
 from __future__ import annotations
 
