@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench bench-precision bench-decode sweep pretrain clean
+.PHONY: setup demo test bench bench-trunks bench-precision bench-decode sweep pretrain clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,10 @@ bench: setup
 bench-precision: setup
 	$(PY) bench.py --precision
 
+# The fp32 trunks alone: against the GEMM ceiling, open_clip's encode_text at 77 tokens and open_clip's forwards
+# (the last block at every position), and the projected fp32 Flickr30k extract (a few minutes).
+bench-trunks: setup
+	$(PY) bench.py --trunks
 # Decoding JPEGs on the device (jpeg.py) against PIL: min cosine on ViT-B/32, recall on ShapesCLIP (about 8 minutes).
 bench-decode: setup
 	$(PY) bench.py --decode

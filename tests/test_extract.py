@@ -77,6 +77,23 @@ def test_image_features_equal_encode_image_on_random_pixels(reference_model):
     assert rel_err(got, want) < 1e-5
 
 
+def test_the_last_block_runs_at_the_class_token_and_at_the_eot_alone(reference_model):
+    """Both trunks' last block computes its MLP at one position per image or caption, not at every position (that
+    block's keys and values still see them all); the tests above show the features still equal encode_*."""
+    model = copy.deepcopy(reference_model.model)
+    model_mod.take_heads(model)
+    seen = []
+    for blocks in (model.visual.transformer.resblocks, model.transformer.resblocks):
+        for block in blocks:
+            block.mlp.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    tokens = reference_model.tokenizer(["a dog", "a man in a red shirt climbs a rock wall"])
+    n = int(tokens.argmax(-1).max()) + 1
+    with torch.no_grad():
+        model_mod.image_features(model, torch.randn(2, 3, 224, 224))
+        model_mod.text_features(model, tokens)
+    assert seen == [(2, 50, 768)] * 11 + [(2, 1, 768)] + [(2, n, 512)] * 11 + [(2, 1, 512)]
+
+
 def test_random_init_is_seeded():
     a = model_mod.load_model("ViT-B-32", "none", seed=7).model.visual.proj
     b = model_mod.load_model("ViT-B-32", "none", seed=7).model.visual.proj
