@@ -263,6 +263,8 @@ def text_features(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         after = torch.arange(n, device=tokens.device) > eot[:, None].to(tokens.device)
         x = last_block_at(model.transformer, x, eot, model.attn_mask[:n, :n], after)
         return model.ln_final(x).float()
+    if getattr(model.transformer, "takes_at", False):  # int8-ort's exported trunk does the same in its graph
+        return model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n], at=eot)).float()
     x = model.transformer(x, attn_mask=model.attn_mask[:n, :n])
     x = model.ln_final(x)
     return x[torch.arange(x.shape[0]), eot].float()

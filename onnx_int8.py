@@ -21,7 +21,9 @@ The trunks are exported with their attention written out (``ExportBlocks``): the
 ``nn.MultiheadAttention``, in fewer layout operations (the text graph's Reshapes and Transposes fall from 133 and 96
 to 48 and 36). On the AVX2 EPYC (flags avx2 fma) the int8 text trunk ran 1.47x and 1.51x fp32 written out, against
 1.39x and 1.51x as ``nn.MultiheadAttention`` exports, in two runs of tools/int8_text_pairs.py 20 (the median of
-paired ratios over 20 alternations of 512 captions): a gain of 0 to 0.08; the image trunk did not move.
+paired ratios over 20 alternations of 512 captions): a gain of 0 to 0.08; the image trunk did not move. Written
+out, each trunk's last block also runs at the class token or the EOT alone, as the torch paths run it
+(model.last_block_at): the text graph takes the EOT positions as a third input, ``at``.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ import torch
 from model import ModelError, file_sha256
 
 FILES = ("visual.onnx", "transformer.onnx")
-LAYOUT = 2  # bump when what is exported or how it is quantized changes
+LAYOUT = 3  # bump when what is exported or how it is quantized changes
 
 
 class ExportBlocks(torch.nn.Module):
@@ -51,11 +53,15 @@ class ExportBlocks(torch.nn.Module):
     One projection to q, k and v, one permute, ``scaled_dot_product_attention`` (what ``nn.MultiheadAttention``
     calls), one transpose back: the same operations on the same weights (tests/test_int8_ort.py holds it to
     open_clip's own forward), without the layout shuffles the exporter otherwise records for every block.
+    As in model.last_block_at, the last block computes its output at one position per sequence alone: the class
+    token (``class_token``: the image trunk, output [batch, 1, width], which open_clip's pooling then reads), or
+    the position ``at`` names (the text trunk's EOT, output [batch, width]); without either, at every position.
     """
 
-    def __init__(self, transformer: torch.nn.Module):
+    def __init__(self, transformer: torch.nn.Module, class_token: bool = False):
         super().__init__()
         self.blocks = transformer.resblocks
+        self.class_token = class_token
 
     @staticmethod
     def fits(transformer: torch.nn.Module) -> bool:
@@ -65,16 +71,24 @@ class ExportBlocks(torch.nn.Module):
             is not None and r.attn.bias_k is None and not r.attn.add_zero_attn and not hasattr(r, "ln_1_kv")
             for r in transformer.resblocks)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                at: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, width = x.shape
-        for r in self.blocks:
+        for i, r in enumerate(self.blocks):
             heads = r.attn.num_heads
             qkv = torch.nn.functional.linear(r.ln_1(x), r.attn.in_proj_weight, r.attn.in_proj_bias)
             q, k, v = qkv.reshape(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
-            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-            x = x + r.ls_1(r.attn.out_proj(a.transpose(1, 2).reshape(batch, length, width)))
+            mask, n = attn_mask, length
+            if i == len(self.blocks) - 1 and self.class_token:
+                q, x, n = q[:, :, :1], x[:, :1], 1
+            elif i == len(self.blocks) - 1 and at is not None:  # one query a caption, seeing the positions up to it
+                rows = torch.arange(batch)
+                q, x, n = q[rows, :, at].unsqueeze(2), x[rows, at].unsqueeze(1), 1
+                mask = (torch.arange(length) <= at[:, None])[:, None, None, :]
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            x = x + r.ls_1(r.attn.out_proj(a.transpose(1, 2).reshape(batch, n, width)))
             x = x + r.ls_2(r.mlp(r.ln_2(x)))
-        return x
+        return x if at is None else x[:, 0]
 
 
 @contextlib.contextmanager
@@ -83,12 +97,16 @@ def _written_out(model: torch.nn.Module):
     owners = [m for m in (model.visual, model) if ExportBlocks.fits(m.transformer)]
     kept = [m.transformer for m in owners]
     try:
-        for m in owners:
-            m.transformer = ExportBlocks(m.transformer)
+        for m in owners:  # the image trunk's last block at the class token (open_clip pools that token)
+            m.transformer = ExportBlocks(m.transformer, class_token=m is model.visual and _pools_class_token(m))
         yield
     finally:
         for m, t in zip(owners, kept):
             m.transformer = t
+
+
+def _pools_class_token(visual: torch.nn.Module) -> bool:
+    return getattr(visual, "pool_type", None) == "tok" and getattr(visual, "attn_pool", None) is None
 
 
 class OnnxTrunk(torch.nn.Module):
@@ -106,10 +124,12 @@ class OnnxTrunk(torch.nn.Module):
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
+        self.takes_at = "at" in self.inputs  # model.text_features then passes the EOT positions
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        given = (x, attn_mask)[:len(self.inputs)]
-        feeds = {name: t.detach().float().contiguous().numpy() for name, t in zip(self.inputs, given)}
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                at: torch.Tensor | None = None) -> torch.Tensor:
+        given = {"x": x.detach().float(), "attn_mask": attn_mask, "at": at}
+        feeds = {name: given[name].contiguous().numpy() for name in self.inputs}
         return torch.from_numpy(self.session.run(None, feeds)[0])
 
 
@@ -148,14 +168,17 @@ def _export(model: torch.nn.Module, folder: Path, written_out: bool = True) -> N
     width = model.token_embedding.weight.shape[1]
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length", min=2, max=model.attn_mask.shape[0])
     with _written_out(model) if written_out else contextlib.nullcontext():
+        text = {"attn_mask": model.attn_mask[:8, :8]}
+        shapes = {"x": {0: batch, 1: length}, "attn_mask": {0: length, 1: length}}
+        if isinstance(model.transformer, ExportBlocks):  # written out: the text trunk's output at the EOT alone
+            text["at"], shapes["at"] = torch.tensor([7, 3]), {0: batch}
         jobs = (("visual", model.visual, (torch.randn(2, 3, size, size),), {}, {"x": {0: batch}}),
-                ("transformer", model.transformer, (torch.randn(2, 8, width),), {"attn_mask": model.attn_mask[:8, :8]},
-                 {"x": {0: batch, 1: length}, "attn_mask": {0: length, 1: length}}))
+                ("transformer", model.transformer, (torch.randn(2, 8, width),), text, shapes))
         for name, module, args, kwargs, shapes in jobs:
             # The exporter reports progress on stdout and warns about what it rewrites; none of it is the user's.
             with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), _quiet():
                 torch.onnx.export(module, args, str(folder / f"{name}.fp32.onnx"), kwargs=kwargs,
-                                  dynamic_shapes=shapes, input_names=["x", "attn_mask"][:len(args) + len(kwargs)],
+                                  dynamic_shapes=shapes, input_names=["x", *kwargs],
                                   output_names=["features"], dynamo=True, verbose=False)
 
 
