@@ -287,9 +287,10 @@ def last_block_at(transformer: torch.nn.Module, x: torch.Tensor, at: torch.Tenso
     Every block but the last runs at every position, as open_clip runs them; the last needs every position's
     keys and values, but its queries, attention output, MLP and residuals only at ``at``: the output at a
     position depends on the others only through their keys and values. The same arithmetic at that position
-    (the difference from the whole forward is float rounding; tests compare with open_clip's encode_*), and
-    about 11/12 of one block less work: 6% of ViT-B/32's FLOPs on either trunk. ``padding`` (batch x positions,
-    True where a position comes after ``at``) is what the causal mask says for that one query.
+    (the difference from the whole forward is float rounding; tests compare with open_clip's encode_*), for
+    five-sixths of one block less work (keys and values are still computed everywhere): 6.5% of ViT-B/32's
+    FLOPs on either trunk. ``padding`` (batch x positions, True where a position comes after ``at``) is what
+    the causal mask says for that one query.
     """
     *first, last = transformer.resblocks
     for block in first:
