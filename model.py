@@ -419,7 +419,8 @@ def quantize_int8_fbgemm(model: torch.nn.Module) -> torch.nn.Module:
     """Dynamic int8 through ``torch.ao.quantization.quantize_dynamic`` (fbgemm kernels): weights per
     output channel, activations per batch at run time. In the image trunk every linear layer (its
     attention as two Linear layers, see LinearSelfAttention); in the text trunk the MLP layers only.
-    Attention scores, the patch embedding, the token embedding and the norms stay fp32.
+    Attention scores, the patch embedding, the token embedding and the norms stay fp32, and so do the last
+    block's out_proj and MLP, which run at one position per image or caption (last_block_at).
 
     Why the text trunk keeps its attention in fp32: quantized, it moved text features to a min
     cosine of 0.997 against fp32 on ViT-B/32 (the image trunk stayed at 0.9998); with the MLPs
@@ -433,8 +434,14 @@ def quantize_int8_fbgemm(model: torch.nn.Module) -> torch.nn.Module:
     from torch.ao.quantization import per_channel_dynamic_qconfig
     model = model.float()
     linear_attention(model.visual)
+    # The last block's out_proj and MLP run at one position per image or caption (last_block_at): int8 would save
+    # nothing there and add its noise, so they stay fp32.
+    at_one_position = tuple(f"{prefix}resblocks.{len(t.resblocks) - 1}.{part}" for prefix, t in
+                            (("visual.transformer.", model.visual.transformer), ("transformer.", model.transformer))
+                            for part in ("attn.out_proj", "mlp."))
     layers = {name: per_channel_dynamic_qconfig for name, module in model.named_modules()
-              if isinstance(module, torch.nn.Linear) and (name.startswith("visual.") or ".mlp." in name)}
+              if isinstance(module, torch.nn.Linear) and (name.startswith("visual.") or ".mlp." in name)
+              and not name.startswith(at_one_position)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # quantize_dynamic and its quantized tensors warn that they are deprecated
         model = torch.ao.quantization.quantize_dynamic(model, layers, dtype=torch.qint8)

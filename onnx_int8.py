@@ -44,7 +44,7 @@ import torch
 from model import ModelError, file_sha256
 
 FILES = ("visual.onnx", "transformer.onnx")
-LAYOUT = 3  # bump when what is exported or how it is quantized changes
+LAYOUT = 4  # bump when what is exported or how it is quantized changes
 
 
 class ExportBlocks(torch.nn.Module):
@@ -182,15 +182,28 @@ def _export(model: torch.nn.Module, folder: Path, written_out: bool = True) -> N
                                   output_names=["features"], dynamo=True, verbose=False)
 
 
-def _quantize(folder: Path, out: Path | None = None, signed: bool = False, reduce_range: bool = False) -> None:
+def _quantize(folder: Path, out: Path | None = None, signed: bool = False, reduce_range: bool = False,
+              written_out: bool = True) -> None:
     """The fp32 exports in ``folder``, quantized into ``out`` (default: beside them). The shipped weights are
     unsigned at full range; the others are for `make bench`'s comparison."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     for name in FILES:
+        source = folder / name.replace(".onnx", ".fp32.onnx")
         with _quiet():
-            quantize_dynamic(folder / name.replace(".onnx", ".fp32.onnx"), (out or folder) / name,
-                             weight_type=QuantType.QInt8 if signed else QuantType.QUInt8, per_channel=True,
-                             reduce_range=reduce_range)
+            quantize_dynamic(source, (out or folder) / name, weight_type=QuantType.QInt8 if signed else QuantType.QUInt8,
+                             per_channel=True, reduce_range=reduce_range,
+                             nodes_to_exclude=_at_one_position(source) if written_out else None)
+
+
+def _at_one_position(path: Path) -> list[str]:
+    """The weight MatMuls that run at one position per image or caption: the last block's out_proj, c_fc and c_proj
+    (ExportBlocks writes each block's in_proj, out_proj, c_fc, c_proj in that order). They stay fp32: int8 would save
+    nothing there and add its noise. (An image trunk that does not pool its class token runs that block at every
+    position; there they stay fp32 too, a twelfth of its work.)"""
+    import onnx
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights][-3:]
 
 
 def weight_variants(model: torch.nn.Module, folder: Path) -> dict:

@@ -170,6 +170,12 @@ def test_int8_fbgemm_is_faithful_on_the_real_architecture(extracted, reference_m
     with torch.no_grad():
         a, b = model_mod.text_features(q, tokens), model_mod.text_features(m, tokens)
     assert float(cos(a, b).min()) > 0.99 and np.isfinite(a.numpy()).all()
+    # The last block's out_proj and MLP run at one position per image or caption: they stay fp32, the rest is int8.
+    dynamic = {name for name, module in q.named_modules() if "dynamic" in type(module).__module__}
+    for trunk in ("visual.transformer", "transformer"):
+        assert not any(name.startswith(f"{trunk}.resblocks.11.") and ".in_proj" not in name for name in dynamic)
+        assert f"{trunk}.resblocks.10.mlp.c_fc" in dynamic
+    assert "visual.transformer.resblocks.11.attn.in_proj" in dynamic
 
 
 def test_bench_ends_with_the_recommendation_and_fills_the_record(shapes, monkeypatch):

@@ -40,7 +40,7 @@ def main(rounds: int = 20, n: int = 512, batch: int = 64) -> None:
             folder = Path(tmp) / str(written_out)
             folder.mkdir()
             onnx_int8._export(model, folder, written_out)
-            onnx_int8._quantize(folder)
+            onnx_int8._quantize(folder, written_out=written_out)
             q = copy.deepcopy(model)
             q.transformer = onnx_int8.OnnxTrunk(folder / "transformer.onnx", torch.get_num_threads())
             candidates[label] = q
