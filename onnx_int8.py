@@ -19,8 +19,8 @@ The norms, the attention scores, the patch and token embeddings stay fp32.
 
 The trunks are exported with their attention written out (``ExportBlocks``): the same arithmetic as open_clip's
 ``nn.MultiheadAttention``, in fewer layout operations (the text graph's Reshapes and Transposes fall from 133 and
-96 to 24 and 48), each Transpose moving one axis, which ONNX Runtime copies in runs of a head's width. (A
-five-axis permute of the packed q, k and v, as ``scaled_dot_product_attention`` on it exports, took 8% of the int8
+96 to 24 and 48), each Transpose moving one axis, for which ONNX Runtime's CPU Transpose has a dedicated copy.
+(A five-axis permute of the packed q, k and v, as ``scaled_dot_product_attention`` on it exports, took 8% of the int8
 text trunk's kernel time in a one-off profile, ONNX Runtime's profiler over 512 captions; the one-axis
 transposes took under 4%.) On the AVX2 EPYC (flags avx2 fma), tools/int8_text_pairs.py 20 (the median of paired
 ratios over 20 alternations of 512 captions): the int8 text trunk ran 1.55x fp32 written out, against 1.39x as
@@ -56,7 +56,7 @@ class ExportBlocks(torch.nn.Module):
     One projection to q, k and v, split per head, softmax(q k^T / sqrt(d) + mask) v, one transpose back: the
     arithmetic of ``nn.MultiheadAttention`` on the same weights (tests/test_int8_ort.py holds it to open_clip's own
     forward), without the layout shuffles the exporter otherwise records for every block. Every transpose moves one
-    axis, which ONNX Runtime copies in runs of a head's width; a five-axis permute of q, k and v together (what
+    axis, for which ONNX Runtime's CPU Transpose has a dedicated copy; a five-axis permute of q, k and v together (what
     ``scaled_dot_product_attention`` on one packed tensor exports) took 8% of the int8 text trunk's time (a one-off
     profile, see above).
     As in model.last_block_at, the last block computes its output at one position per sequence alone: the class
@@ -83,7 +83,8 @@ class ExportBlocks(torch.nn.Module):
         for i, r in enumerate(self.blocks):
             heads = r.attn.num_heads
             qkv = torch.nn.functional.linear(r.ln_1(x), r.attn.in_proj_weight, r.attn.in_proj_bias)
-            q, k, v = qkv.reshape(batch, length, 3 * heads, width // heads).split(heads, dim=2)  # [batch, length, heads, d]
+            # q, k, v: [batch, length, heads, d] each
+            q, k, v = qkv.reshape(batch, length, 3 * heads, width // heads).split(heads, dim=2)
             mask, n = attn_mask, length
             if i == len(self.blocks) - 1 and self.class_token:
                 q, x, n = q[:, :1], x[:, :1], 1
@@ -91,7 +92,7 @@ class ExportBlocks(torch.nn.Module):
                 rows = torch.arange(batch)
                 q, x, n = q[rows, at].unsqueeze(1), x[rows, at].unsqueeze(1), 1
                 mask = (torch.arange(length) <= at[:, None])[:, None, None, :]
-            # Each transpose moves one axis, which ONNX Runtime copies in runs of ``d``; k goes straight to
+            # Each transpose moves one axis (ONNX Runtime's dedicated copy); k goes straight to
             # [batch, heads, d, length].
             scores = (q.transpose(1, 2) * (width // heads) ** -0.5) @ k.permute(0, 2, 3, 1)
             if mask is not None:
