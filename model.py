@@ -239,11 +239,17 @@ def image_features(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor
     assert v.proj is None, "take_heads(model) first"
     conv1 = getattr(v, "conv1", None)  # an ONNX Runtime trunk has none: it takes fp32
     pixels = pixels.to(conv1.weight.dtype if conv1 is not None else torch.float32)
-    if not (isinstance(v, open_clip.transformer.VisionTransformer) and getattr(v, "pool_type", None) == "tok"
-            and getattr(v, "attn_pool", None) is None and hasattr(v, "_embeds") and _rows_only(v.transformer)):
+    if not (isinstance(v, open_clip.transformer.VisionTransformer) and pools_class_token(v) and hasattr(v, "_embeds")
+            and _rows_only(v.transformer)):
         return v(pixels).float()
     x = last_block_at(v.transformer, v._embeds(pixels), torch.zeros(len(pixels), dtype=torch.long))
     return v._pool(x.unsqueeze(1))[0].float()  # ln_post at the class token, before or after pooling alike
+
+
+def pools_class_token(visual: torch.nn.Module) -> bool:
+    """Whether the image trunk's output is its class token alone (no attention pooling), so that its last block
+    need run nowhere else."""
+    return getattr(visual, "pool_type", None) == "tok" and getattr(visual, "attn_pool", None) is None
 
 
 def text_features(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from model import ModelError, file_sha256
+from model import ModelError, file_sha256, pools_class_token
 
 FILES = ("visual.onnx", "transformer.onnx")
 LAYOUT = 5  # bump when what is exported or how it is quantized changes
@@ -110,15 +110,11 @@ def _written_out(model: torch.nn.Module):
     kept = [m.transformer for m in owners]
     try:
         for m in owners:  # the image trunk's last block at the class token (open_clip pools that token)
-            m.transformer = ExportBlocks(m.transformer, class_token=m is model.visual and _pools_class_token(m))
+            m.transformer = ExportBlocks(m.transformer, class_token=m is model.visual and pools_class_token(m))
         yield
     finally:
         for m, t in zip(owners, kept):
             m.transformer = t
-
-
-def _pools_class_token(visual: torch.nn.Module) -> bool:
-    return getattr(visual, "pool_type", None) == "tok" and getattr(visual, "attn_pool", None) is None
 
 
 class OnnxTrunk(torch.nn.Module):
