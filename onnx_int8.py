@@ -20,13 +20,13 @@ The norms, the attention scores, the patch and token embeddings stay fp32.
 The trunks are exported with their attention written out (``ExportBlocks``): the same arithmetic as open_clip's
 ``nn.MultiheadAttention``, in fewer layout operations (the text graph's Reshapes and Transposes fall from 133 and
 96 to 24 and 48), each Transpose moving one axis, for which ONNX Runtime's CPU Transpose has a dedicated copy.
-(A five-axis permute of the packed q, k and v, as ``scaled_dot_product_attention`` on it exports, took 8% of the int8
-text trunk's kernel time in a one-off profile, ONNX Runtime's profiler over 512 captions; the one-axis
-transposes took under 4%.) On the AVX2 EPYC (flags avx2 fma), tools/int8_text_pairs.py 20 (the median of paired
-ratios over 20 alternations of 512 captions): the int8 text trunk ran 1.55x fp32 written out, against 1.39x as
-``nn.MultiheadAttention`` exports; with the five-axis permute it had run 1.47x and 1.51x against 1.39x and 1.51x.
-Written out, each trunk's last block also runs at the class token or the EOT alone, as the torch
-paths run it (model.last_block_at): the text graph takes the EOT positions as a third input, ``at``.
+(A five-axis permute of the packed q, k and v, as ``scaled_dot_product_attention`` on it exports, goes through
+its general path; tests/test_int8_ort.py holds every transpose to one axis.) On the AVX2 EPYC (flags avx2 fma),
+tools/int8_text_pairs.py 20 (the median of paired ratios over 20 alternations of 512 captions): the int8 text
+trunk ran 1.55x fp32 written out, against 1.39x as ``nn.MultiheadAttention`` exports; with the five-axis permute
+it had run 1.47x and 1.51x against 1.39x and 1.51x. Written out, each trunk's last block also runs at the class
+token or the EOT alone, as the torch paths run it (model.last_block_at): the text graph takes the EOT positions as
+a third input, ``at``.
 """
 from __future__ import annotations
 
@@ -56,9 +56,7 @@ class ExportBlocks(torch.nn.Module):
     One projection to q, k and v, split per head, softmax(q k^T / sqrt(d) + mask) v, one transpose back: the
     arithmetic of ``nn.MultiheadAttention`` on the same weights (tests/test_int8_ort.py holds it to open_clip's own
     forward), without the layout shuffles the exporter otherwise records for every block. Every transpose moves one
-    axis, for which ONNX Runtime's CPU Transpose has a dedicated copy; a five-axis permute of q, k and v together (what
-    ``scaled_dot_product_attention`` on one packed tensor exports) took 8% of the int8 text trunk's time (a one-off
-    profile, see above).
+    axis, for which ONNX Runtime's CPU Transpose has a dedicated copy (see above).
     As in model.last_block_at, the last block computes its output at one position per sequence alone: the class
     token (``class_token``: the image trunk, output [batch, 1, width], which open_clip's pooling then reads), or
     the position ``at`` names (the text trunk's EOT, output [batch, width]); without either, at every position.
@@ -198,7 +196,8 @@ def _quantize(folder: Path, out: Path | None = None, signed: bool = False, reduc
     for name in FILES:
         source = folder / name.replace(".onnx", ".fp32.onnx")
         with _quiet():
-            quantize_dynamic(source, (out or folder) / name, weight_type=QuantType.QInt8 if signed else QuantType.QUInt8,
+            quantize_dynamic(source, (out or folder) / name,
+                             weight_type=QuantType.QInt8 if signed else QuantType.QUInt8,
                              per_channel=True, reduce_range=reduce_range,
                              nodes_to_exclude=_at_one_position(source) if written_out else None)
 
