@@ -591,15 +591,16 @@ def _timed(fn, n: int, device: str) -> tuple[float, torch.Tensor]:
 def time_trunk(run, n: int, device: str, fp32_s=None) -> tuple[float, torch.Tensor]:
     """(seconds, features) of one trunk on the first n items of the calibration batch (``run(k)``: its first k).
 
-    A path measured against fp32 (``fp32_s(k)``: fp32's seconds for the first k) is timed on a quarter of the
-    batch first, and a trunk under half fp32's rate there stops at that quarter: a longer timing cannot change
-    what it is worth (bf16 on an AVX2 EPYC spent 20 s of `cli.py bench` on the whole batch). Otherwise it is the
-    best of two timings of the whole batch, since one timing on a shared 2-core machine moves by 20%.
+    A path measured against fp32 (``fp32_s(k)``: fp32's seconds for the first k) is timed on a sixteenth of the
+    batch first (at least 2 items: 2 of the 8 images, 8 of the 128 captions), and a trunk under half fp32's rate
+    there stops at that slice: a longer timing cannot change what it is worth (bf16 on an AVX2 EPYC spent 20 s of
+    `cli.py bench` on the whole batch). Otherwise it is the best of two timings of the whole batch, since one timing on a shared 2-core machine moves
+    by 20%.
     """
     if fp32_s is not None:
-        quarter = max(1, n // 4)
-        seconds, feats = _timed(run, quarter, device)
-        if seconds > 2 * fp32_s(quarter):
+        first = min(n, max(2, n // 16))
+        seconds, feats = _timed(run, first, device)
+        if seconds > 2 * fp32_s(first):
             return seconds, feats
     seconds, feats = _timed(run, n, device)
     return min(seconds, _timed(run, n, device)[0]), feats
@@ -623,7 +624,7 @@ def measure_path(model, name: str, device: str, pixels, tokens, text_batch: int,
                                   len(tokens), device, None if fp32 is None else
                                   lambda k: k / fp32["caption_rate"] * window_factor(tokens[:k], text_batch))
     feats, n_img, n_txt = {"image": f_img, "text": f_txt}, len(f_img), len(f_txt)
-    if reference is not None:  # a trunk timed on a quarter of the batch is compared on that quarter
+    if reference is not None:  # a trunk timed on a slice of the batch is compared on that slice
         reference = {"image": reference["image"][:n_img], "text": reference["text"][:n_txt]}
     m = {"image_rate": n_img / t_img, "caption_rate": n_txt / t_txt * window_factor(tokens[:n_txt], text_batch),
          "setup_s": setup, "build_s": build, "timed_on": [n_img, n_txt],
@@ -802,7 +803,7 @@ def machine_check(model, tokenizer, device: str, model_id: str, job: tuple[int, 
               f"{m['image_rate'] / f['image_rate']:9.2f}x/{m['caption_rate'] / f['caption_rate']:.2f}x "
               f"{m['cos_image']:13.5f}/{m['cos_text']:.5f} {m['setup_s']:8.1f}s {proj / 60:33.1f} min"
               + (f"  (exported once in {m['build_s']:.0f} s, kept)" if m.get("build_s") else "")
-              + ("  (timed and compared on a quarter of the batch: under half fp32's rate there)"
+              + ("  (timed and compared on a slice of the batch: under half fp32's rate there)"
                  if m.get("timed_on", [CAL_IMAGES, CAL_CAPTIONS]) != [CAL_IMAGES, CAL_CAPTIONS] else "")
               + (f"  (struck: {m['struck']})" if m["struck"] else ""), file=out)
     if not compiled and device == "cpu":

@@ -92,12 +92,14 @@ def test_a_path_with_non_finite_features_is_struck_with_its_reason(small, monkey
     assert precision != "bf16" and "bf16 struck: non-finite" in line
 
 
-@pytest.mark.parametrize("per_item, expected_calls", [(3.0, [2]), (1.5, [2, 8, 8]), (None, [8, 8])])
-def test_a_trunk_under_half_fp32s_rate_is_timed_on_a_quarter_of_the_batch_alone(monkeypatch, per_item,
-                                                                                 expected_calls):
-    """On a clock the test drives: fp32 takes 1 s an item; a path at 3 s an item stops after its quarter (2 of 8
-    items, features of those 2); one at 1.5 s an item goes on to the best of two whole batches; fp32 itself (no
-    fp32 to compare with) is timed on the whole batch twice."""
+@pytest.mark.parametrize("n, per_item, expected_calls", [(8, 3.0, [2]), (8, 1.5, [2, 8, 8]), (8, None, [8, 8]),
+                                                       (128, 3.0, [8]), (128, 1.5, [8, 128, 128]),
+                                                       (128, None, [128, 128])])
+def test_a_trunk_under_half_fp32s_rate_is_timed_on_a_sixteenth_of_the_batch_alone(monkeypatch, n, per_item,
+                                                                                   expected_calls):
+    """On a clock the test drives: fp32 takes 1 s an item; a path at 3 s an item stops after its first slice (a
+    sixteenth, at least 2: 2 of 8 items, 8 of 128, features of those); one at 1.5 s an item goes on to the best
+    of two whole batches; fp32 itself (no fp32 to compare with) is timed on the whole batch twice."""
     clock, calls = [0.0], []
 
     class FakeTime:
@@ -110,7 +112,7 @@ def test_a_trunk_under_half_fp32s_rate_is_timed_on_a_quarter_of_the_batch_alone(
         calls.append(k)
         clock[0] += k * (per_item or 1.0)
         return torch.arange(k)
-    seconds, feats = bench.time_trunk(run, 8, "cpu", None if per_item is None else lambda k: k * 1.0)
+    seconds, feats = bench.time_trunk(run, n, "cpu", None if per_item is None else lambda k: k * 1.0)
     assert calls == expected_calls
     assert len(feats) == expected_calls[-1] and seconds == expected_calls[-1] * (per_item or 1.0)
 
