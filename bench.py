@@ -504,6 +504,15 @@ BUILT_ONCE = ("int8-ort",)  # one-time export of about a minute per model, kept 
 LONG_JOB_S = 15 * 60     # fp32 projection above which a path that costs a minute first is worth calibrating
 FAITHFUL = 0.999         # min cosine to fp32 features, on both trunks, over the calibration batch
 CAL_IMAGES, CAL_CAPTIONS = 8, 128
+# A first job is worth calibrating when a path REPAY times fp32's speed (what int8 reached on every CPU kind measured,
+# issue 14) would save more than the calibration costs: when its fp32 time is at least WORTH calibrations. Where no
+# path beats fp32, such a job runs up to a third slower, once per machine: the record decides every later job.
+REPAY = 1.5
+WORTH = REPAY / (REPAY - 1)
+# What calibrating costs: about CAL_PASSES times fp32's projected time for the calibration batch, plus CAL_EXTRA_S
+# (quantizing, casting). On the AVX2 EPYC it took 20-23 s where that batch projected 2.0-2.3 s.
+CAL_PASSES, CAL_EXTRA_S = 8, 4.0
+SLOWER = 1.25  # a trunk this much slower than fp32 on the first slice of the calibration batch is timed no further
 
 
 def cpu_name_and_flags() -> tuple[str, list[str]]:
@@ -592,15 +601,16 @@ def time_trunk(run, n: int, device: str, fp32_s=None) -> tuple[float, torch.Tens
     """(seconds, features) of one trunk on the first n items of the calibration batch (``run(k)``: its first k).
 
     A path measured against fp32 (``fp32_s(k)``: fp32's seconds for the first k) is timed on a sixteenth of the
-    batch first (at least 2 items: 2 of the 8 images, 8 of the 128 captions), and a trunk under half fp32's rate
-    there stops at that slice: a longer timing cannot change what it is worth (bf16 on an AVX2 EPYC spent 20 s of
-    `cli.py bench` on the whole batch). Otherwise it is the best of two timings of the whole batch, since one timing on a shared 2-core machine moves
-    by 20%.
+    batch first (at least 2 items: 2 of the 8 images, 8 of the 128 captions), and a trunk under 0.8x fp32's rate
+    there (SLOWER) stops at that slice: it cannot make its path win (bf16 on an AVX2 EPYC spent 20 s of `cli.py
+    bench` on the whole batch). Small batches favour fp32 (int8's per-call costs weigh more on them), so a trunk
+    under 0.8x on the slice is about fp32's speed on the whole batch at best. Otherwise it is the best of two
+    timings of the whole batch, since one timing on a shared 2-core machine moves by 20%.
     """
     if fp32_s is not None:
         first = min(n, max(2, n // 16))
         seconds, feats = _timed(run, first, device)
-        if seconds > 2 * fp32_s(first):
+        if seconds > SLOWER * fp32_s(first):
             return seconds, feats
     seconds, feats = _timed(run, n, device)
     return min(seconds, _timed(run, n, device)[0]), feats
@@ -724,11 +734,11 @@ def auto_precision(model, device: str, pixels, tokens, n_images: int, n_captions
                    text_batch: int = 64, log=None) -> tuple[str, object, str]:
     """(precision, its prepared model or None, the one line that says what auto took and why).
 
-    With a record for this machine and model, it decides at once. Without one, a job of at most 60 calibration
-    batches takes fp32 at once (too short to repay calibrating, whatever the machine's speed); a larger one
-    times fp32 on a tiny batch first, and takes fp32 if that says it is still too short. Otherwise every
-    path is measured on the calibration batch (the job's own images and captions), struck if it is
-    not faithful, and the record is written; the calibration's cost counts against the job.
+    With a record for this machine and model, it decides at once. Without one, a job of at most 24 calibration
+    batches (WORTH times CAL_PASSES) takes fp32 at once (too short to repay calibrating, whatever the machine's
+    speed); a larger one times fp32 on a tiny batch first, and takes fp32 if that says it is still too short.
+    Otherwise every path is measured on the calibration batch (the job's own images and captions), struck if it
+    is not faithful, and the record is written; the calibration's cost counts against the job.
     """
     key = record_key(device, model_id)
     paths, note = read_record(key)
@@ -743,16 +753,17 @@ def auto_precision(model, device: str, pixels, tokens, n_images: int, n_captions
     if all(p in paths for p in wanted):
         best, _ = choose({k: v for k, v in paths.items() if k in wanted}, n_images, n_captions)
         return best, None, f"precision auto: {describe(best, paths, n_images, n_captions)}; from {record_path()}"
-    if n_images <= 60 * len(pixels) and n_captions <= 60 * len(tokens):
-        # Shorter on any machine than the 10 calibrations the check below asks for (calibrating runs these pixels
-        # and tokens about 6 times, plus 3 s): nothing needs timing to know it.
+    short = WORTH * CAL_PASSES
+    if n_images <= short * len(pixels) and n_captions <= short * len(tokens):
+        # Shorter on any machine than WORTH calibrations (each runs these pixels and tokens about CAL_PASSES times,
+        # plus CAL_EXTRA_S): nothing needs timing to know it.
         return "fp32", None, (f"precision auto: fp32 (a short job, {n_images} images and {n_captions} captions: "
                               "calibrating the other paths would cost more than they could save)")
     t0 = time.perf_counter()
     tiny, _, _ = measure_path(model, "fp32", device, pixels[:2], tokens[:32], text_batch)
     t32 = projected_s(tiny, n_images, n_captions)
-    calibration = 6 * (len(pixels) / tiny["image_rate"] + len(tokens) / tiny["caption_rate"]) + 3
-    if t32 < 10 * calibration:
+    calibration = CAL_PASSES * (len(pixels) / tiny["image_rate"] + len(tokens) / tiny["caption_rate"]) + CAL_EXTRA_S
+    if t32 < WORTH * calibration:
         return "fp32", None, (f"precision auto: fp32 (a short job, {t32:.0f} s projected: measuring the other paths "
                               f"would cost about {calibration:.0f} s)")
     slow = slow_to_start(model) if device == "cpu" else COMPILED
@@ -803,7 +814,7 @@ def machine_check(model, tokenizer, device: str, model_id: str, job: tuple[int, 
               f"{m['image_rate'] / f['image_rate']:9.2f}x/{m['caption_rate'] / f['caption_rate']:.2f}x "
               f"{m['cos_image']:13.5f}/{m['cos_text']:.5f} {m['setup_s']:8.1f}s {proj / 60:33.1f} min"
               + (f"  (exported once in {m['build_s']:.0f} s, kept)" if m.get("build_s") else "")
-              + ("  (timed and compared on a slice of the batch: under half fp32's rate there)"
+              + ("  (timed and compared on a slice of the batch: under 0.8x fp32's rate there)"
                  if m.get("timed_on", [CAL_IMAGES, CAL_CAPTIONS]) != [CAL_IMAGES, CAL_CAPTIONS] else "")
               + (f"  (struck: {m['struck']})" if m["struck"] else ""), file=out)
     if not compiled and device == "cpu":
