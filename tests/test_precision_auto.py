@@ -94,14 +94,15 @@ def test_a_path_with_non_finite_features_is_struck_with_its_reason(small, monkey
     assert precision != "bf16" and "bf16 struck: non-finite" in line
 
 
-@pytest.mark.parametrize("n, per_item, expected_calls", [(8, 3.0, [2]), (8, 1.3, [2]), (8, 1.2, [2, 8, 8]),
-                                                       (8, None, [8, 8]), (128, 1.3, [8]),
-                                                       (128, 1.2, [8, 128, 128]), (128, None, [128, 128])])
-def test_a_trunk_under_0_8x_fp32s_rate_is_timed_on_a_sixteenth_of_the_batch_alone(monkeypatch, n, per_item,
-                                                                                   expected_calls):
-    """On a clock the test drives: fp32 takes 1 s an item; a path at 1.3 s an item or slower stops after its first
-    slice (a sixteenth, at least 2: 2 of 8 items, 8 of 128, features of those); one at 1.2 s an item goes on to
-    the best of two whole batches; fp32 itself (no fp32 to compare with) is timed on the whole batch twice."""
+@pytest.mark.parametrize("n, per_item, expected_calls", [(8, 3.0, [2]), (8, 1.5, [2, 8, 8]), (8, None, [2, 8, 8]),
+                                                       (128, 3.0, [8]), (128, 1.5, [8, 128, 128]),
+                                                       (128, None, [8, 128, 128])])
+def test_a_trunk_under_half_fp32s_rate_on_the_same_first_slice_is_timed_on_that_slice_alone(monkeypatch, n, per_item,
+                                                                                            expected_calls):
+    """On a clock the test drives: fp32 took 1 s an item on the first slice (a sixteenth, at least 2: 2 of 8 items,
+    8 of 128); a path at 3 s an item stops after that slice (features of those items); one at 1.5 s an item goes
+    on to the best of two whole batches; fp32 itself (no fp32 to compare with) is timed on the slice, which later
+    paths are compared on, and on the whole batch twice."""
     clock, calls = [0.0], []
 
     class FakeTime:
@@ -114,8 +115,9 @@ def test_a_trunk_under_0_8x_fp32s_rate_is_timed_on_a_sixteenth_of_the_batch_alon
         calls.append(k)
         clock[0] += k * (per_item or 1.0)
         return torch.arange(k)
-    seconds, feats = bench.time_trunk(run, n, "cpu", None if per_item is None else lambda k: k * 1.0)
-    assert calls == expected_calls
+    first = expected_calls[0]
+    seconds, feats, first_s = bench.time_trunk(run, n, "cpu", None if per_item is None else first * 1.0)
+    assert calls == expected_calls and first_s == pytest.approx(first * (per_item or 1.0))
     assert len(feats) == expected_calls[-1] and seconds == pytest.approx(expected_calls[-1] * (per_item or 1.0))
 
 
