@@ -121,6 +121,30 @@ def test_a_trunk_under_half_fp32s_rate_on_the_same_first_slice_is_timed_on_that_
     assert len(feats) == expected_calls[-1] and seconds == pytest.approx(expected_calls[-1] * (per_item or 1.0))
 
 
+@pytest.mark.parametrize("slice_per_item, stops", [(1.2, False), (2.5, True)])
+def test_a_path_is_compared_with_fp32_on_the_same_slice_not_with_fp32s_whole_batch_rate(small, monkeypatch,
+                                                                                       slice_per_item, stops):
+    """Small batches run slower per item. As the test times them, fp32 takes 1 s an item on the first slice and
+    0.5 s an item on the whole batch; a path at 1.2 s an item on the slice (0.4 on the whole batch) wins, and is
+    timed on the whole batch (against fp32's whole-batch rate it would read 0.42x and stop); one at 2.5 s an item
+    on the slice stops there."""
+    loaded, pixels, tokens = small
+    tokens = tokens[:48]  # slices of 2 images and 3 captions, whole batches of 8 and 48: each size tells its call
+    current = []
+    real_prepare, real_timed = model_mod.prepare, bench._timed
+    monkeypatch.setattr(model_mod, "prepare", lambda m, name, *a, **k: current.append(name) or real_prepare(m, name,
+                                                                                                               *a, **k))
+    per_item = {"fp32": (1.0, 0.5), "bf16": (slice_per_item, 0.4)}  # (on the first slice, on the whole batch)
+
+    def timed(fn, n, device):
+        whole = n in (len(pixels), len(tokens))
+        return n * per_item[current[-1]][whole], real_timed(fn, n, device)[1]
+    monkeypatch.setattr(bench, "_timed", timed)
+    measured, _ = bench.measure_paths(loaded.model, ["bf16"], "cpu", pixels, tokens, 64)
+    assert measured["fp32"]["first_slice_s"] == pytest.approx([2.0, 3.0])
+    assert (measured["bf16"]["timed_on"] != [len(pixels), len(tokens)]) == stops
+
+
 @pytest.mark.parametrize("damage", ["broken json", "other machine", "other torch"])
 def test_a_damaged_or_stale_record_is_ignored_with_a_note(small, monkeypatch, damage):
     monkeypatch.setattr(bench, "LONG_JOB_S", float("inf"))
