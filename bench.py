@@ -504,14 +504,15 @@ BUILT_ONCE = ("int8-ort",)  # one-time export of about a minute per model, kept 
 LONG_JOB_S = 15 * 60     # fp32 projection above which a path that costs a minute first is worth calibrating
 FAITHFUL = 0.999         # min cosine to fp32 features, on both trunks, over the calibration batch
 CAL_IMAGES, CAL_CAPTIONS = 8, 128
-# A first job is worth calibrating when a path REPAY times fp32's speed (what int8 reached on every CPU kind measured,
-# issue 14) would save more than the calibration costs: when its fp32 time is at least WORTH calibrations. Where no
-# path beats fp32, such a job runs up to a third slower, once per machine: the record decides every later job.
+# A first job is worth calibrating when a path REPAY times fp32's speed (about what int8 reached on every CPU kind
+# measured, issue 14) would save more than the calibration costs: when its fp32 time is at least WORTH calibrations.
+# Where no path beats fp32, such a job runs up to a third slower, once per machine: the record decides later jobs.
 REPAY = 1.5
 WORTH = REPAY / (REPAY - 1)
-# What calibrating costs: about CAL_PASSES times fp32's projected time for the calibration batch, plus CAL_EXTRA_S
-# (quantizing, casting). On the AVX2 EPYC it took 20-23 s where that batch projected 2.0-2.3 s.
+# What calibrating costs, as measured on the AVX2 EPYC: about CAL_PASSES times fp32's projected time for the
+# calibration batch, plus CAL_EXTRA_S (quantizing, casting).
 CAL_PASSES, CAL_EXTRA_S = 8, 4.0
+
 
 def cpu_name_and_flags() -> tuple[str, list[str]]:
     try:

@@ -132,9 +132,12 @@ def test_a_path_is_compared_with_fp32_on_the_same_slice_not_with_fp32s_whole_bat
     tokens = tokens[:48]  # slices of 2 images and 3 captions, whole batches of 8 and 48: each size tells its call
     current = []
     real_prepare, real_timed = model_mod.prepare, bench._timed
-    monkeypatch.setattr(model_mod, "prepare", lambda m, name, *a, **k: current.append(name) or real_prepare(m, name,
-                                                                                                               *a, **k))
     per_item = {"fp32": (1.0, 0.5), "bf16": (slice_per_item, 0.4)}  # (on the first slice, on the whole batch)
+
+    def prepare(model, name, *args, **kwargs):
+        current.append(name)
+        return real_prepare(model, name, *args, **kwargs)
+    monkeypatch.setattr(model_mod, "prepare", prepare)
 
     def timed(fn, n, device):
         whole = n in (len(pixels), len(tokens))
