@@ -189,7 +189,8 @@ def last_block_rows(model, px, tokens, batch_size: int, rounds: int = 16) -> lis
                     seconds[fn] = time.perf_counter() - t
                 ratios.append(seconds[theirs] / seconds[ours])
             q1, med, q3 = statistics.quantiles(ratios, n=4)
-            what = f"{len(px)} images" if trunk == "image" else f"{n} Flickr-length captions, sorted, batch {batch_size}"
+            what = (f"{len(px)} images" if trunk == "image" else
+                    f"{n} Flickr-length captions, sorted, batch {batch_size}")
             rows.append((f"{trunk}: last block at the {'class token' if trunk == 'image' else 'EOT'} alone vs "
                          "open_clip's forward", f"median of {rounds} paired ratios, quartiles {q1:.2f}-{q3:.2f}; "
                          f"{what} a round; features differ by {diff:.1e} (relative)", f"{med:.2f}x", "> 1x"))
@@ -389,8 +390,8 @@ def recall_change_rows(variants: dict, n_images: int, seeds) -> tuple[list, dict
                      (f"{name} recall change, same probed heads", where + f" (probe seed {seeds[0]}), "
                       f"{same['probed'][1]}, paired over test queries", same["probed"][0], "<= 1 pp"),
                      (f"{name} recall change, probes retrained", where + f", {'/'.join(keys[k])}, paired over "
-                      f"seeds {list(seeds)}: mean +- 2 standard errors", f"{diff[:, k].mean():+.2f} +- {2 * sem:.2f} pp",
-                      "<= 1 pp")]
+                      f"seeds {list(seeds)}: mean +- 2 standard errors",
+                      f"{diff[:, k].mean():+.2f} +- {2 * sem:.2f} pp", "<= 1 pp")]
     return rows, seconds
 
 
@@ -484,7 +485,8 @@ def memory_row() -> tuple:
             ann = worlds.make_dataset(Path(tmp) / f"d{n}", "source", n_images=n, size=64)
             code = ("import resource, sys, extract; from pathlib import Path\n"
                     f"extract.extract(extract.ExtractSettings(annotations=Path(r'{ann}'), images=Path(r'{ann.parent}')"
-                    f" / 'images', cache=Path(r'{tmp}') / 'c{n}.h5', pretrained='none', workers=1), log=open('/dev/null', 'w'))\n"
+                    f" / 'images', cache=Path(r'{tmp}') / 'c{n}.h5', pretrained='none', workers=1),"
+                    " log=open('/dev/null', 'w'))\n"
                     "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
             peaks[n] = int(out.stdout.split()[-1]) / 1024
@@ -729,8 +731,9 @@ def describe(name: str, paths: dict, n_images: int, n_captions: int) -> str:
     m, ref = paths[name], paths["fp32"]
     if name == "fp32":
         return f"fp32 ({projected_s(m, n_images, n_captions):.0f} s projected; exact)"
-    return (f"{name} (image {m['image_rate'] / ref['image_rate']:.2f}x, text {m['caption_rate'] / ref['caption_rate']:.2f}x"
-            f" fp32, min cosine {m['cos_image']:.5f} / {m['cos_text']:.5f}; {projected_s(m, n_images, n_captions):.0f} s"
+    return (f"{name} (image {m['image_rate'] / ref['image_rate']:.2f}x, "
+            f"text {m['caption_rate'] / ref['caption_rate']:.2f}x fp32, "
+            f"min cosine {m['cos_image']:.5f} / {m['cos_text']:.5f}; {projected_s(m, n_images, n_captions):.0f} s"
             f" projected against {projected_s(ref, n_images, n_captions):.0f} s fp32, {m['setup_s']:.0f} s of it "
             "one-time)")
 
@@ -829,7 +832,8 @@ def machine_check(model, tokenizer, device: str, model_id: str, job: tuple[int, 
             print("int8-ort not measured: exporting it takes about a minute, once for this model; "
                   "`cli.py bench --compiled` builds it and keeps it", file=out)
     best, seconds = choose(now, n_img, n_cap)
-    line = f"recommended: --precision {best}, projected {seconds / 60:.1f} min for {where} ({n_img} images, {n_cap} captions)"
+    line = (f"recommended: --precision {best}, projected {seconds / 60:.1f} min for {where} "
+            f"({n_img} images, {n_cap} captions)")
     print(line, file=out)
     return best
 

@@ -239,7 +239,8 @@ def _write_failure(path: Path, what: str, exc: BaseException, expected: int) -> 
     else:
         cause = f"the write failed ({str(exc).splitlines()[0][:120]})"
     remedy = "raise the limit (ulimit -f)" if code == errno.EFBIG else "free space"
-    kept = "nothing was extracted yet" if what.startswith("the new cache") else "no row is marked done that is not on disk"
+    kept = ("nothing was extracted yet" if what.startswith("the new cache") else
+            "no row is marked done that is not on disk")
     return (f"cache {path}: {cause} while writing {what}; {kept}{space}; "
             f"{remedy} and run the same command again to resume")
 

@@ -286,8 +286,9 @@ def probe_cmd(cache_path, annotations, out, history, **options):
     """Train the two projection heads on the cached features, keeping the best on validation.
 
     After training, the saved heads are alpha * trained + (1 - alpha) * pretrained, with alpha
-    chosen on validation from --alphas (WiSE-FT). Comma lists (--lr 1e-4,3e-4,1e-3 --weight-decay 0,0.01) run the whole grid,
-    choose by validation recall only, keep the best checkpoint and record every run in --history.
+    chosen on validation from --alphas (WiSE-FT). Comma lists (--lr 1e-4,3e-4,1e-3 --weight-decay
+    0,0.01) run the whole grid, choose by validation recall only, keep the best checkpoint and record
+    every run in --history.
 
     Example: python cli.py probe --cache cache/flickr30k.h5 --lr 1e-3,3e-3 --reg-to-init 0,1e-3
     """

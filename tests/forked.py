@@ -139,7 +139,8 @@ class Child:
 
 
 def start(argv, cwd=None, env=None, prepare=None) -> Child:
-    """Start ``argv`` (``["cli.py", command, options...]``); ``prepare`` is (function, *args), run in the child first."""
+    """Start ``argv`` (``["cli.py", command, options...]``); ``prepare`` is (function, *args), run in the child
+    first."""
     return Child(argv, cwd=cwd, env=env, prepare=prepare)
 
 

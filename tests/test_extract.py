@@ -38,7 +38,8 @@ def test_cached_features_times_heads_equal_encode(extracted, reference_model):
 def test_bucketed_text_equals_encode_text_for_all_lengths(reference_model):
     model = copy.deepcopy(reference_model.model)
     heads = model_mod.take_heads(model)
-    captions = ["dog", "a man in a red shirt climbs a rock wall", LONG, "two children play .", "x " * 74, "é café 北京"]
+    captions = ["dog", "a man in a red shirt climbs a rock wall", LONG, "two children play .", "x " * 74,
+                "é café 北京"]
     tokens = reference_model.tokenizer(captions)
     assert tokens[2].ne(0).sum() == 77  # the long caption fills the context after truncation
     with torch.no_grad():
@@ -189,8 +190,9 @@ def test_bf16_cache_agrees_with_fp32(tmp_path):
     ann = worlds.make_dataset(tmp_path / "d", "source", n_images=6, seed=1, size=48)
     caches = {}
     for precision in ("fp32", "bf16"):
-        settings = extract.ExtractSettings(annotations=ann, images=ann.parent / "images", cache=tmp_path / f"{precision}.h5",
-                                           pretrained="none", precision=precision, workers=0)
+        settings = extract.ExtractSettings(annotations=ann, images=ann.parent / "images",
+                                           cache=tmp_path / f"{precision}.h5", pretrained="none", precision=precision,
+                                           workers=0)
         extract.extract(settings, log=open("/dev/null", "w"))
         caches[precision] = cache.load(settings.cache)
     assert caches["bf16"].attrs["precision"] == "bf16"

@@ -102,8 +102,8 @@ def test_int8_on_a_gpu_and_fp16_on_a_cpu_are_refused_by_name():
 def test_pretraining_is_seeded(tmp_path):
     """Two short runs of the committed script write the same weights, byte for byte."""
     for name in ("a.pt", "b.pt"):  # two processes, forked from one that imported torch (tests/forked.py)
-        forked.run(["pretrain.py", "--steps", "3", "--pool", "256", "--batch-size", "32", "--out", str(tmp_path / name)],
-                   cwd=ROOT, check=True)
+        forked.run(["pretrain.py", "--steps", "3", "--pool", "256", "--batch-size", "32",
+                    "--out", str(tmp_path / name)], cwd=ROOT, check=True)
     a = torch.load(tmp_path / "a.pt", weights_only=True)
     b = torch.load(tmp_path / "b.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

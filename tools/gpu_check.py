@@ -9,8 +9,9 @@ start to its sealed cache (model load included):
   - the same bf16 run with `--decode cpu` (PIL in the workers), for what decoding on the device buys;
   - the naive loop (tools/naive_peer.py), fp32 and bf16 autocast, with every core but one decoding.
 Then fidelity against CPU fp32 on the first 256 images and their captions: the device's fp32 with PIL decoding
-(max relative error: the 1e-5 claim), and what bf16 and decoding on the device each change (min cosine). It prints a markdown table and writes
-OUT/gpu_check.json. Nothing here is part of the test suite's timing; tests/test_gpu_check.py runs it tiny.
+(max relative error: the 1e-5 claim), and what bf16 and decoding on the device each change (min cosine). It prints a
+markdown table and writes OUT/gpu_check.json. Nothing here is part of the test suite's timing; tests/test_gpu_check.py
+runs it tiny.
 """
 from __future__ import annotations
 
