@@ -318,7 +318,7 @@ def int8_recall_rows(n_images: int = 10_000, seeds=SEEDS, paths=("int8", "int8-f
     same seeds, paired (what a user sees). A test split of 300 images (3,000 in all) could not resolve 1 pp."""
     rows, seconds = recall_change_rows({p: {"precision": p} for p in ("fp32", *paths)}, n_images, seeds)
     return rows + [(f"ShapesCLIP extract, {path} vs fp32", f"{seconds[path]:.0f} vs {seconds['fp32']:.0f} s for "
-                    f"{n_images} images (a 128-wide toy: int8 pays off at ViT-B/32 widths)",
+                    f"{n_images} images (a 128-wide toy: speed is measured at ViT-B/32 widths)",
                     f"{seconds['fp32'] / seconds[path]:.2f}x", "") for path in paths]
 
 
@@ -839,7 +839,8 @@ def machine_check(model, tokenizer, device: str, model_id: str, job: tuple[int, 
 
 
 def part_main(which: str) -> None:
-    """`python bench.py --precision`: the auto, int8-fbgemm and int8-ort rows alone (the full bench runs an hour
+    """`python bench.py --precision`: the auto rows and the recall rows of int8-fbgemm, int8-ort and bf16 (auto
+    takes bf16 where it measures fastest, as on an AMX Xeon) alone (the full bench runs an hour
     on AVX2); `--decode`: decoding on the device against PIL (fidelity and recall); `--trunks`: the fp32 trunks'
     rows and their Flickr30k projection (a few minutes)."""
     print(header())
@@ -847,7 +848,7 @@ def part_main(which: str) -> None:
         rows, *_, (img_rate, cap_rate) = fp32_trunk_rows()
         rows.append(flickr_row("fp32", img_rate, cap_rate))
     elif which == "--precision":
-        rows = auto_rows() + int8_recall_rows(paths=("int8-fbgemm", "int8-ort"))
+        rows = auto_rows() + int8_recall_rows(paths=("int8-fbgemm", "int8-ort", "bf16"))
     else:
         rows = decode_recall_rows()
     print_rows(rows)
