@@ -148,7 +148,7 @@ def test_a_path_is_compared_with_fp32_on_the_same_slice_not_with_fp32s_whole_bat
     assert (measured["bf16"]["timed_on"] != [len(pixels), len(tokens)]) == stops
 
 
-@pytest.mark.parametrize("damage", ["broken json", "other machine", "other torch"])
+@pytest.mark.parametrize("damage", ["broken json", "other machine", "other torch", "older paths"])
 def test_a_damaged_or_stale_record_is_ignored_with_a_note(small, monkeypatch, damage):
     monkeypatch.setattr(bench, "LONG_JOB_S", float("inf"))
     path = bench.record_path()
@@ -160,7 +160,10 @@ def test_a_damaged_or_stale_record_is_ignored_with_a_note(small, monkeypatch, da
     if damage == "broken json":
         path.write_text('{"version": 1, "entries": {')
     else:
-        key["machine"]["cpu" if damage == "other machine" else "torch"] = "something else"
+        if damage == "older paths":  # measured before a change that moved the paths' speeds
+            key["machine"]["paths"] = bench.PATHS_REVISION - 1
+        else:
+            key["machine"]["cpu" if damage == "other machine" else "torch"] = "something else"
         path.write_text(json.dumps({"version": 1, "entries": {json.dumps(key, sort_keys=True): fake}}))
     log = io.StringIO()
     precision, _, line = run_auto(small, 10_000_000, 50_000_000, log)
