@@ -105,6 +105,9 @@ def fp32_trunk_rows() -> tuple:
     ref = copy.deepcopy(loaded.model)
     model = loaded.model
     model_mod.take_heads(model)
+    # The trunks timed as extraction runs them (model.prepare); the int8 rows start from open_clip's own modules, as
+    # extract's int8 paths do.
+    fp32 = model_mod.prepare(copy.deepcopy(model), "fp32", "cpu")
     rates = gemm_rates()
     ceiling = max(rates.values())
     rows = [("GEMM ceiling (best layout)", ", ".join(f"{k} {v:.0f}" for k, v in rates.items()) + " GFLOP/s",
@@ -112,9 +115,9 @@ def fp32_trunk_rows() -> tuple:
     settings = extract.resolve(extract.ExtractSettings(annotations=Path("."), images=Path("."), cache=Path(".")))
     tokens = loaded.tokenizer(flickr_like_captions(settings.text_window))
     px = torch.randn(64, 3, 224, 224)
-    text, cap_rate = text_rows(model, ref, tokens, settings.text_batch_size, ceiling)
-    image, img_rate = image_rows(model, px, ceiling)
-    rows += text + image + last_block_rows(model, px[:8], loaded.tokenizer(flickr_like_captions(4096, seed=1)),
+    text, cap_rate = text_rows(fp32, ref, tokens, settings.text_batch_size, ceiling)
+    image, img_rate = image_rows(fp32, px, ceiling)
+    rows += text + image + last_block_rows(fp32, px[:8], loaded.tokenizer(flickr_like_captions(4096, seed=1)),
                                            settings.text_batch_size)
     return rows, model, px, tokens, settings.text_batch_size, (img_rate, cap_rate)
 
@@ -301,12 +304,13 @@ def ort_weight_rows(model, px, tokens, batch_size: int, fp32_rates) -> list:
 
 
 def bf16_row(model, px) -> tuple:
-    """bf16 trunk weights: speed and agreement with fp32 (fast only where the CPU has native bf16)."""
-    m16 = copy.deepcopy(model).to(torch.bfloat16)
+    """bf16 trunk weights: speed and agreement with fp32 (fast only where the CPU has native bf16), both as extraction
+    runs them."""
+    m16, m32 = (model_mod.prepare(copy.deepcopy(model), p, "cpu") for p in ("bf16", "fp32"))
     t16 = best_of(lambda: model_mod.image_features(m16, px), 1)
-    t32 = best_of(lambda: model_mod.image_features(model, px), 1)
+    t32 = best_of(lambda: model_mod.image_features(m32, px), 1)
     cos = torch.nn.functional.cosine_similarity(model_mod.image_features(m16, px),
-                                                model_mod.image_features(model, px)).min()
+                                                model_mod.image_features(m32, px)).min()
     return ("image bf16 vs fp32", f"{len(px) / t16:.2f} vs {len(px) / t32:.2f} img/s, min cosine {cos:.5f}",
             f"{t32 / t16:.2f}x", ">= 2x where native")
 
