@@ -849,8 +849,8 @@ def machine_check(model, tokenizer, device: str, model_id: str, job: tuple[int, 
 
 def part_main(which: str) -> None:
     """`python bench.py --precision`: the auto rows and the recall rows of int8-fbgemm, int8-ort and bf16 (auto
-    takes bf16 where it measures fastest, as on an AMX Xeon) alone (the full bench runs an hour
-    on AVX2); `--decode`: decoding on the device against PIL (fidelity and recall); `--trunks`: the fp32 trunks'
+    takes bf16 where it measures fastest, as on an AMX Xeon), without the rest of the bench (an hour on AVX2);
+    `--decode`: decoding on the device against PIL (fidelity and recall); `--trunks`: the fp32 trunks'
     rows and their Flickr30k projection (a few minutes)."""
     print(header())
     if which == "--trunks":
