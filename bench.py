@@ -636,8 +636,12 @@ def time_trunk(run, n: int, device: str, fp32_first=None) -> tuple[float, torch.
 def measure_path(model, name: str, device: str, pixels, tokens, text_batch: int, reference=None, fp32=None):
     """(measurement, the prepared model, its features): rates for both trunks, one-time setup, fidelity against
     fp32's features (``reference``); ``fp32``, fp32's measurement on the same batch."""
+    # Every path prepares a copy: prepare rewrites the model it is given (attention as two Linear layers, in fp32 too),
+    # and the next path, int8-ort's export above all, must start from open_clip's own modules, as extract's does.
+    # The copy is not a cost of the path (extract prepares the model it loaded), so it is not timed.
+    own = copy.deepcopy(model)
     t0 = time.perf_counter()
-    q = model_mod.prepare(model if name == "fp32" else copy.deepcopy(model), name, device)
+    q = model_mod.prepare(own, name, device)
     build = getattr(q, "int8_build_s", 0.0)  # int8-ort's export, once per model (kept on disk)
     setup = time.perf_counter() - t0 - build
     px = pixels.to(device)

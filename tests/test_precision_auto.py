@@ -77,6 +77,20 @@ def test_a_long_job_calibrates_every_path_records_it_and_the_next_run_decides_at
     assert again == precision and prepared is None and "from " in line
 
 
+def test_calibrating_leaves_the_callers_model_as_open_clip_built_it(small):
+    """prepare rewrites the model it is given (attention as two Linear layers, fp32 included). Calibration prepares
+    copies: the paths after fp32, and extract afterwards, start from open_clip's own modules (int8-ort's export keys
+    on their names, and writes MultiheadAttention blocks out by hand)."""
+    _, pixels, tokens = small
+    model = model_mod.load_model(str(SMALL_CLIP[0]), "none").model
+    model_mod.take_heads(model)
+    before = {name: type(m) for name, m in model.named_modules()}
+    assert torch.nn.MultiheadAttention in before.values()
+    measured, prepared = bench.measure_paths(model, ["bf16"], "cpu", pixels[:2], tokens[:8], 64)
+    assert {name: type(m) for name, m in model.named_modules()} == before
+    assert model_mod.LinearSelfAttention in {type(m) for m in prepared["fp32"].modules()}
+
+
 def test_a_path_with_non_finite_features_is_struck_with_its_reason(small, monkeypatch):
     monkeypatch.setattr(bench, "LONG_JOB_S", float("inf"))
     prepare = model_mod.prepare
