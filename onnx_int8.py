@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from model import ModelError, file_sha256, pools_class_token
+from model import LinearSelfAttention, ModelError, file_sha256, pools_class_token
 
 FILES = ("visual.onnx", "transformer.onnx")
 LAYOUT = 5  # bump when what is exported or how it is quantized changes
@@ -69,11 +69,11 @@ class ExportBlocks(torch.nn.Module):
 
     @staticmethod
     def fits(transformer: torch.nn.Module) -> bool:
-        """Whether every block is the plain kind written out here (batch first, one packed q/k/v projection)."""
+        """Whether every block is the plain kind written out here: the attention LinearSelfAttention computes too
+        (batch first, one packed q/k/v projection), no separate norm for keys and values."""
         return getattr(transformer, "batch_first", False) and all(
-            isinstance(r.attn, torch.nn.MultiheadAttention) and r.attn.batch_first and r.attn.in_proj_weight
-            is not None and r.attn.bias_k is None and not r.attn.add_zero_attn and not hasattr(r, "ln_1_kv")
-            for r in transformer.resblocks)
+            isinstance(r.attn, torch.nn.MultiheadAttention) and LinearSelfAttention.fits(r.attn)
+            and not hasattr(r, "ln_1_kv") for r in transformer.resblocks)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 at: torch.Tensor | None = None) -> torch.Tensor:

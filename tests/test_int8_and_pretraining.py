@@ -41,8 +41,8 @@ def test_no_attention_projection_runs_as_one_product_per_position(reference_mode
     model_mod.take_heads(ref)
     net = model_mod.prepare(ref, precision, "cpu")
     weights = {tuple(m.weight.shape[::-1]) for m in reference_model.model.modules() if isinstance(m, torch.nn.Linear)}
-    weights |= {(m.embed_dim, 3 * m.embed_dim) for m in reference_model.model.modules()
-                if isinstance(m, torch.nn.MultiheadAttention)}
+    weights |= {(m.embed_dim, k * m.embed_dim) for m in reference_model.model.modules()  # q, k, v; or k, v alone
+                if isinstance(m, torch.nn.MultiheadAttention) for k in (3, 2)}
     tokens = reference_model.tokenizer(["a dog", "two people sit near the water on a sunny day ."])
     with torch.no_grad(), profile(record_shapes=True) as prof:
         model_mod.image_features(net, torch.randn(2, 3, 224, 224))

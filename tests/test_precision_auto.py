@@ -86,7 +86,7 @@ def test_calibrating_leaves_the_callers_model_as_open_clip_built_it(small):
     model_mod.take_heads(model)
     before = {name: type(m) for name, m in model.named_modules()}
     assert torch.nn.MultiheadAttention in before.values()
-    measured, prepared = bench.measure_paths(model, ["bf16"], "cpu", pixels[:2], tokens[:8], 64)
+    _, prepared = bench.measure_paths(model, ["bf16"], "cpu", pixels[:2], tokens[:8], 64)
     assert {name: type(m) for name, m in model.named_modules()} == before
     assert model_mod.LinearSelfAttention in {type(m) for m in prepared["fp32"].modules()}
 
@@ -173,11 +173,10 @@ def test_a_damaged_or_stale_record_is_ignored_with_a_note(small, monkeypatch, da
     key = json.loads(bench.record_key("cpu", "small-test"))
     if damage == "broken json":
         path.write_text('{"version": 1, "entries": {')
-    else:
-        if damage == "older paths":  # measured before a change that moved the paths' speeds
-            key["machine"]["paths"] = bench.PATHS_REVISION - 1
-        else:
-            key["machine"]["cpu" if damage == "other machine" else "torch"] = "something else"
+    else:  # "older paths": measured before a change that moved the paths' speeds
+        field, value = {"other machine": ("cpu", "something else"), "other torch": ("torch", "something else"),
+                        "older paths": ("paths", bench.PATHS_REVISION - 1)}[damage]
+        key["machine"][field] = value
         path.write_text(json.dumps({"version": 1, "entries": {json.dumps(key, sort_keys=True): fake}}))
     log = io.StringIO()
     precision, _, line = run_auto(small, 10_000_000, 50_000_000, log)
