@@ -258,8 +258,8 @@ def int8_rows(model, px, tokens, batch_size: int, fp32_rates) -> tuple[list, tup
 
 def int8_alternative_rows(model, px, tokens, batch_size: int, fp32_rates) -> tuple[list, tuple]:
     """The other int8 paths against fp32 on both trunks: int8-fbgemm and int8-ort (what those precisions run),
-    eager torchao (not shipped as a path), and torch.ao's quantize_dynamic on every linear layer (faster,
-    less faithful on text: why int8-fbgemm keeps the text trunk's attention in fp32).
+    eager torchao (not shipped as a path), and torch.ao's quantize_dynamic on every linear layer with its own 7-bit
+    activations (faster, less faithful on text: why int8-fbgemm keeps some of the text trunk's attention in fp32).
     Returns the rows and {path: (images/s, captions/s, one-time seconds)} for int8-fbgemm and int8-ort."""
     import warnings
     t0 = time.perf_counter()
@@ -538,8 +538,10 @@ def cpu_name_and_flags() -> tuple[str, list[str]]:
 
 
 # Bump when a change to how the paths run moves their speeds, so that records measured before are measured again:
-# 2, attention as two Linear layers (model.prepare), which took bf16 from 1.3x to 3.6x fp32 text on an AMX Xeon.
-PATHS_REVISION = 2
+# 2, attention as two Linear layers (model.prepare), which took bf16 from 1.3x to 3.6x fp32 text on an AMX Xeon;
+# 3, int8-fbgemm's full-range activations and text in_proj where fbgemm does not saturate (model.fbgemm_full_range),
+#    and the command line's malloc keeping freed memory (cli.keep_freed_memory).
+PATHS_REVISION = 3
 
 
 def machine(device: str = "cpu") -> dict:

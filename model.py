@@ -9,6 +9,7 @@ own towers return the pre-projection features the cache stores; features times h
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
+import torch.ao.nn.quantized.dynamic as nnqd
 import torch.nn.functional as F
 
 CAST = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # weights cast to a dtype
@@ -436,38 +438,76 @@ def _compiled_agrees(model, eager_visual, eager_transformer) -> bool:
 def quantize_int8_fbgemm(model: torch.nn.Module) -> torch.nn.Module:
     """Dynamic int8 through ``torch.ao.quantization.quantize_dynamic`` (fbgemm kernels): weights per
     output channel, activations per batch at run time. In the image trunk every linear layer (its
-    attention as two Linear layers, see LinearSelfAttention); in the text trunk the MLP layers only.
-    Attention scores, the patch embedding, the token embedding and the norms stay fp32, and so do the last
-    block's out_proj and MLP, which run at one position per image or caption (last_block_at).
+    attention as two Linear layers, see LinearSelfAttention). In the text trunk, where fbgemm's products are exact
+    with activations over their full 8-bit range (``fbgemm_full_range``: a CPU with VNNI), the attention's input
+    projection and the MLPs; elsewhere the MLPs alone, with 7-bit activations. Attention scores, the patch
+    embedding, the token embedding and the norms stay fp32, and so do the last block's out_proj and MLP, which run
+    at one position per image or caption (last_block_at).
 
-    Why the text trunk keeps its attention in fp32: quantized, it moved text features to a min
-    cosine of 0.997 against fp32 on ViT-B/32 (the image trunk stayed at 0.9998); with the MLPs
-    alone the text stayed at 0.999. torch.ao.quantization is deprecated in favour of torchao, and
-    is kept as a fallback for one measured reason: its kernels need no compile, where eager torchao
-    ran 0.05x fp32 on an AVX2-only EPYC and compiled torchao costs about a minute of compile first.
-    ``--precision auto`` takes it only where it measures fastest and faithful.
+    Why the text trunk keeps some of its attention in fp32 (random-init ViT-B/32, min cosine of text features to
+    fp32 on 256 Flickr-length captions, an Intel Xeon with VNNI): with 7-bit activations the MLPs alone gave 0.99904
+    and any attention layer more fell below 0.999 (0.99828 with the input projection). With 8-bit activations the
+    MLPs gave 0.99964, with the input projection 0.99931 (text 1.99x fp32 against 1.52x), and with out_proj as well
+    0.99907, too near the line for a model with larger activations (2.20x). torch.ao.quantization is deprecated in
+    favour of torchao, and is kept as a fallback for one measured reason: its kernels need no compile, where eager
+    torchao ran 0.05x fp32 on an AVX2-only EPYC and 1.25x on that Xeon's text, and compiled torchao costs about a
+    minute of compile first. ``--precision auto`` takes it only where it measures fastest and faithful.
     """
     import warnings
 
     from torch.ao.quantization import per_channel_dynamic_qconfig
     model = model.float()
     linear_attention(model.visual)
-    linear_attention(model.transformer, where_it_fits=True)  # in fp32 (below), but folded as in prepare
+    linear_attention(model.transformer, where_it_fits=True)  # folded as in prepare; its in_proj quantized below
+    full = fbgemm_full_range()
     # The last block's out_proj and MLP run at one position per image or caption (last_block_at): int8 would save
     # nothing there and add its noise, so they stay fp32.
     at_one_position = tuple(f"{prefix}resblocks.{len(t.resblocks) - 1}.{part}" for prefix, t in
                             (("visual.transformer.", model.visual.transformer), ("transformer.", model.transformer))
                             for part in ("attn.out_proj", "mlp."))
+    text_layers = (".mlp.", ".attn.in_proj") if full else (".mlp.",)
     layers = {name: per_channel_dynamic_qconfig for name, module in model.named_modules()
-              if isinstance(module, torch.nn.Linear) and (name.startswith("visual.") or ".mlp." in name)
-              and not name.startswith(at_one_position)}
+              if isinstance(module, torch.nn.Linear) and not name.startswith(at_one_position)
+              and (name.startswith("visual.") or any(part in name for part in text_layers))}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # quantize_dynamic and its quantized tensors warn that they are deprecated
         # In place: the caller's model is this path's own (linear_attention has already rewritten it), and a copy of
         # the fp32 model would cost its size in memory and 0.4 s.
-        torch.ao.quantization.quantize_dynamic(model, layers, dtype=torch.qint8, inplace=True)
-    model.int8_kernels = "fbgemm (torch.ao quantize_dynamic): image trunk all linear layers, text trunk MLPs"
+        torch.ao.quantization.quantize_dynamic(model, layers, dtype=torch.qint8, inplace=True,
+                                               mapping={torch.nn.Linear: FullRangeLinear if full else nnqd.Linear})
+    model.int8_kernels = ("fbgemm (torch.ao quantize_dynamic): image trunk all linear layers, text trunk "
+                          + ("MLPs and attention input projections, 8-bit activations" if full
+                             else "MLPs, 7-bit activations"))
     return model
+
+
+@functools.cache
+def fbgemm_full_range() -> bool:
+    """Whether fbgemm's int8 products are exact on this CPU with activations over their full 8-bit range.
+
+    Without VNNI, fbgemm multiplies unsigned activations by signed weights in pairs summed into 16 bits with
+    saturation (vpmaddubsw), which 255 x 127 x 2 overflows: that is why torch.ao quantizes activations to 7 bits on
+    x86 (reduce_range). With VNNI the pairs sum into 32 bits and the full range is exact. Measured, not read from the
+    CPU's flags: one product in which every pair would saturate (it reads 32.4 instead of 64 where it does), against
+    its exact value.
+    """
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized tensors are deprecated along with torch.ao.quantization
+        weight = torch.quantize_per_channel(torch.ones(8, 64), torch.full((8,), 1 / 127, dtype=torch.double),
+                                            torch.zeros(8, dtype=torch.long), 0, torch.qint8)
+        packed = torch.ops.quantized.linear_prepack(weight, None)
+        out = torch.ops.quantized.linear_dynamic(torch.ones(4, 64), packed, reduce_range=False)
+    return bool(torch.allclose(out, torch.full_like(out, 64.0), rtol=1e-3))
+
+
+class FullRangeLinear(nnqd.Linear):
+    """fbgemm's dynamic int8 Linear with activations over their full 8-bit range (torch.ao's own forward asks for 7
+    bits on every CPU); used only where fbgemm_full_range measured it exact."""
+
+    def forward(self, x):
+        return torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params,
+                                                  reduce_range=False).to(x.dtype)
 
 
 def _quiet_compiler() -> None:

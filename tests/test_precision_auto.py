@@ -5,10 +5,15 @@ measured (or from a record the test writes), not which path wins here.
 """
 import io
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.ao.nn.quantized.dynamic as nnqd
 from click.testing import CliRunner
 
 import bench
@@ -17,6 +22,8 @@ import cli
 import extract
 import model as model_mod
 from conftest import SMALL_CLIP, make_synthetic_cache
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -219,12 +226,35 @@ def test_int8_fbgemm_is_faithful_on_the_real_architecture(extracted, reference_m
     with torch.no_grad():
         a, b = model_mod.text_features(q, tokens), model_mod.text_features(m, tokens)
     assert float(cos(a, b).min()) > 0.99 and np.isfinite(a.numpy()).all()
-    # The last block's out_proj and MLP run at one position per image or caption: they stay fp32, the rest is int8.
-    dynamic = {name for name, module in q.named_modules() if "dynamic" in type(module).__module__}
+    # The last block's out_proj and MLP run at one position per image or caption: they stay fp32, the rest is int8
+    # (in the text trunk, the attention's input projection only where activations take their full range).
+    dynamic = {name for name, module in q.named_modules() if isinstance(module, nnqd.Linear)}
     for trunk in ("visual.transformer", "transformer"):
         assert not any(name.startswith(f"{trunk}.resblocks.11.") and ".in_proj" not in name for name in dynamic)
         assert f"{trunk}.resblocks.10.mlp.c_fc" in dynamic
     assert "visual.transformer.resblocks.11.attn.in_proj" in dynamic
+    assert ("transformer.resblocks.0.attn.in_proj" in dynamic) == model_mod.fbgemm_full_range()
+    assert "transformer.resblocks.0.attn.out_proj" not in dynamic
+    full = model_mod.fbgemm_full_range()
+    assert all(isinstance(module, model_mod.FullRangeLinear) == full
+               for name, module in q.named_modules() if name in dynamic)
+
+
+def test_fbgemm_takes_full_range_activations_only_where_its_products_do_not_saturate():
+    """fbgemm_full_range measures the kernel: on fbgemm's AVX2 and plain AVX-512 kernels (FBGEMM_ENABLE_INSTRUCTIONS
+    holds it to them) a product of full-range activations saturates its 16-bit pair sums, and int8-fbgemm keeps
+    7-bit activations; on this CPU's own kernels it answers as it measures. Each in a fresh process."""
+    code = ("import model\n"
+            "print(model.fbgemm_full_range())\n")
+
+    def ask(isa):
+        env = {k: v for k, v in os.environ.items() if k != "FBGEMM_ENABLE_INSTRUCTIONS"}
+        if isa:
+            env["FBGEMM_ENABLE_INSTRUCTIONS"] = isa
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                              cwd=ROOT).stdout.strip()
+    assert ask("AVX2") == "False" and ask("AVX512") == "False"
+    assert ask("") == str(model_mod.fbgemm_full_range())
 
 
 def test_bench_ends_with_the_recommendation_and_fills_the_record(shapes, monkeypatch):
