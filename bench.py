@@ -621,46 +621,52 @@ def first_slice(n: int) -> int:
     return min(n, max(2, n // 16))
 
 
-def time_trunk(run, n: int, device: str, fp32_first=None) -> tuple[float, torch.Tensor, float]:
+def time_trunk(run, n: int, device: str, fastest_first=None) -> tuple[float, torch.Tensor, float]:
     """(seconds, features, seconds on the first slice) of one trunk on the first n items of the calibration batch
     (``run(k)``: its first k).
 
-    Every path is timed on the first slice, fp32 included. A path measured against fp32 (``fp32_first``: fp32's
-    seconds on the same slice) that runs under half fp32's rate there stops at that slice: it cannot make its path
-    win (bf16 on an AVX2 EPYC spent 20 s of `cli.py bench` on the whole batch). The comparison is with fp32 timed
-    on the same items, never with fp32's rate on the whole batch: small batches run slower per item, and against
-    that rate a slice of short captions read int8-fbgemm's text, which wins on the whole batch, slower than fp32.
-    Half leaves room for the noise of one short timing. Otherwise it is the best of two timings of the whole batch,
-    since one timing on a shared 2-core machine moves by 20%.
+    Every path is timed on the first slice, fp32 included. A path that runs there under half the rate of the fastest
+    path measured before it on this trunk (``fastest_first``: that path's seconds on the same slice; fp32 is the
+    first) stops at that slice: it cannot make its path win (bf16 on an AVX2 EPYC spent 20 s of `cli.py bench` on the
+    whole batch, and on a Xeon without AMX 2.5 s of a first calibration at 0.7x fp32, behind int8 at 2x). The
+    comparison is with the same items, never with a rate on the whole batch: small batches run slower per item, and
+    against fp32's whole-batch rate a slice of short captions read int8-fbgemm's text, which wins on the whole batch,
+    slower than fp32. Half leaves room for the noise of one short timing. Otherwise it is the best of two timings of
+    the whole batch, since one timing on a shared 2-core machine moves by 20%.
     """
     first = first_slice(n)
     first_s, feats = _timed(run, first, device)
-    if fp32_first is not None and first_s > 2 * fp32_first:
+    if fastest_first is not None and first_s > 2 * fastest_first:
         return first_s, feats, first_s
     seconds, feats = _timed(run, n, device) if first < n else (first_s, feats)
     return min(seconds, _timed(run, n, device)[0]), feats, first_s
 
 
-def measure_path(model, name: str, device: str, pixels, tokens, text_batch: int, reference=None, fp32=None):
+def measure_path(model, name: str, device: str, pixels, tokens, text_batch: int, reference=None, fastest_first=None,
+                 prepared=None):
     """(measurement, the prepared model, its features): rates for both trunks, one-time setup, fidelity against
-    fp32's features (``reference``); ``fp32``, fp32's measurement on the same batch."""
-    # Every path prepares a copy: prepare rewrites the model it is given (attention as two Linear layers, in fp32 too),
-    # and the next path, int8-ort's export above all, must start from open_clip's own modules, as extract's does.
-    # The copy is not a cost of the path (extract prepares the model it loaded), so it is not timed.
-    own = copy.deepcopy(model)
-    t0 = time.perf_counter()
-    q = model_mod.prepare(own, name, device)
+    fp32's features (``reference``); ``fastest_first``, the fastest first-slice seconds measured before on each trunk
+    (see time_trunk); ``prepared``, (this path already prepared, its setup seconds), not prepared again."""
+    if prepared is None:
+        # Every path prepares a copy: prepare rewrites the model it is given (attention as two Linear layers, in fp32
+        # too), and the next path, int8-ort's export above all, must start from open_clip's own modules, as extract's
+        # does. The copy is not a cost of the path (extract prepares the model it loaded), so it is not timed.
+        own = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        q = model_mod.prepare(own, name, device)
+        prepared = q, time.perf_counter() - t0
+    q, setup = prepared
     build = getattr(q, "int8_build_s", 0.0)  # int8-ort's export, once per model (kept on disk)
-    setup = time.perf_counter() - t0 - build
+    setup -= build
     px = pixels.to(device)
     with torch.no_grad():
         # Warm-up (first calls pay for allocation and kernel choice) on two images: a compiled trunk keeps size 1 apart.
         model_mod.image_features(q, px[:2])
         extract.encode_window(q, tokens[:8], text_batch, device)
         t_img, f_img, first_img = time_trunk(lambda k: model_mod.image_features(q, px[:k]).float().cpu(), len(px),
-                                             device, None if fp32 is None else fp32["first_slice_s"][0])
+                                             device, None if fastest_first is None else fastest_first[0])
         t_txt, f_txt, first_txt = time_trunk(lambda k: extract.encode_window(q, tokens[:k], text_batch, device).cpu(),
-                                             len(tokens), device, None if fp32 is None else fp32["first_slice_s"][1])
+                                             len(tokens), device, None if fastest_first is None else fastest_first[1])
     feats, n_img, n_txt = {"image": f_img, "text": f_txt}, len(f_img), len(f_txt)
     if reference is not None:  # a trunk timed on a slice of the batch is compared on that slice
         reference = {"image": reference["image"][:n_img], "text": reference["text"][:n_txt]}
@@ -692,17 +698,22 @@ def window_factor(tokens: torch.Tensor, batch: int, window: int = 2048) -> float
     return float((padded(lengths) / len(lengths)) / (padded(full) / window))
 
 
-def measure_paths(model, names, device: str, pixels, tokens, text_batch: int) -> tuple[dict, dict]:
-    """(measurements, prepared models) for fp32 and then ``names``, each against fp32's features.
+def measure_paths(model, names, device: str, pixels, tokens, text_batch: int, fp32=None) -> tuple[dict, dict]:
+    """(measurements, prepared models) for fp32 and then ``names``, each against fp32's features; ``fp32``: (fp32
+    already prepared, its setup seconds).
 
-    A path that cannot run here is struck, with its reason, never chosen.
+    A path that cannot run here is struck, with its reason, never chosen. Each trunk of a path is timed against the
+    fastest faithful path before it on the same first slice (time_trunk), so the order of ``names`` (PATHS: int8
+    before bf16) only decides how soon a slow path stops, never which path wins.
     """
     measured, prepared = {}, {}
-    measured["fp32"], prepared["fp32"], ref = measure_path(model, "fp32", device, pixels, tokens, text_batch)
+    measured["fp32"], prepared["fp32"], ref = measure_path(model, "fp32", device, pixels, tokens, text_batch,
+                                                           prepared=fp32)
     for name in names:
+        fastest = [min(m["first_slice_s"][trunk] for m in measured.values() if not m["struck"]) for trunk in (0, 1)]
         try:
             measured[name], prepared[name], _ = measure_path(model, name, device, pixels, tokens, text_batch, ref,
-                                                             measured["fp32"])
+                                                             fastest)
         except Exception as exc:  # noqa: BLE001
             measured[name] = {"image_rate": 1e-9, "caption_rate": 1e-9, "setup_s": 0.0, "cos_image": 0.0,
                               "cos_text": 0.0, "struck": f"failed: {str(exc).splitlines()[0][:80]}"}
@@ -789,7 +800,7 @@ def auto_precision(model, device: str, pixels, tokens, n_images: int, n_captions
         return "fp32", None, (f"precision auto: fp32 (a short job, {n_images} images and {n_captions} captions: "
                               "calibrating the other paths would cost more than they could save)")
     t0 = time.perf_counter()
-    tiny, _, _ = measure_path(model, "fp32", device, pixels[:2], tokens[:32], text_batch)
+    tiny, fp32, _ = measure_path(model, "fp32", device, pixels[:2], tokens[:32], text_batch)
     t32 = projected_s(tiny, n_images, n_captions)
     calibration = CAL_PASSES * (len(pixels) / tiny["image_rate"] + len(tokens) / tiny["caption_rate"]) + CAL_EXTRA_S
     if t32 < WORTH * calibration:
@@ -797,7 +808,8 @@ def auto_precision(model, device: str, pixels, tokens, n_images: int, n_captions
                               f"would cost about {calibration:.0f} s)")
     slow = slow_to_start(model) if device == "cpu" else COMPILED
     wanted = list(PATHS[device]) if t32 > LONG_JOB_S else [p for p in PATHS[device] if p not in slow]
-    measured, prepared = measure_paths(model, wanted[1:], device, pixels, tokens, text_batch)
+    measured, prepared = measure_paths(model, wanted[1:], device, pixels, tokens, text_batch,
+                                       (fp32, tiny["setup_s"]))  # fp32 as prepared for the tiny timing
     write_record(key, _keep_build(recorded, measured))
     now = _built_now(measured, model) if device == "cpu" else measured  # a build done while calibrating is paid
     best, _ = choose(now, n_images, n_captions)

@@ -169,6 +169,42 @@ def test_a_path_is_compared_with_fp32_on_the_same_slice_not_with_fp32s_whole_bat
     assert (measured["bf16"]["timed_on"] != [len(pixels), len(tokens)]) == stops
 
 
+@pytest.mark.parametrize("bf16_slice_per_item, stops", [(0.7, False), (0.9, True)])
+def test_a_path_is_held_to_the_fastest_path_before_it_not_only_to_fp32(small, monkeypatch, bf16_slice_per_item,
+                                                                       stops):
+    """As on a Xeon without AMX: int8-fbgemm (measured before bf16) at 0.4 s an item on the first slice against fp32's
+    1 s. bf16 at 0.9 s an item there is faster than fp32 but under half int8's rate: it stops at the slice. At 0.7 s
+    it is within half of int8's rate and is timed on the whole batch."""
+    loaded, pixels, tokens = small
+    tokens = tokens[:48]
+    current = []
+    real_prepare, real_timed = model_mod.prepare, bench._timed
+    per_item = {"fp32": 1.0, "int8-fbgemm": 0.4, "bf16": bf16_slice_per_item}
+
+    def prepare(model, name, *args, **kwargs):
+        current.append(name)
+        return real_prepare(model, name, *args, **kwargs)
+    monkeypatch.setattr(model_mod, "prepare", prepare)
+    monkeypatch.setattr(bench, "_timed", lambda fn, n, device: (n * per_item[current[-1]], real_timed(fn, n, device)[1]))
+    measured, _ = bench.measure_paths(loaded.model, ["int8-fbgemm", "bf16"], "cpu", pixels, tokens, 64)
+    assert measured["int8-fbgemm"]["timed_on"] == [len(pixels), len(tokens)]
+    assert (measured["bf16"]["timed_on"] == [2, 3]) == stops
+    assert bench.PATHS["cpu"].index("int8-fbgemm") < bench.PATHS["cpu"].index("bf16")
+
+
+def test_auto_prepares_fp32_once_for_its_tiny_timing_and_its_calibration(small, monkeypatch):
+    monkeypatch.setattr(bench, "LONG_JOB_S", float("inf"))
+    prepared = []
+    real_prepare = model_mod.prepare
+
+    def prepare(model, name, *args, **kwargs):
+        prepared.append(name)
+        return real_prepare(model, name, *args, **kwargs)
+    monkeypatch.setattr(model_mod, "prepare", prepare)
+    run_auto(small, 10_000_000, 50_000_000)
+    assert prepared.count("fp32") == 1 and "int8-fbgemm" in prepared
+
+
 @pytest.mark.parametrize("damage", ["broken json", "other machine", "other torch", "older paths"])
 def test_a_damaged_or_stale_record_is_ignored_with_a_note(small, monkeypatch, damage):
     monkeypatch.setattr(bench, "LONG_JOB_S", float("inf"))
