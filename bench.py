@@ -855,7 +855,7 @@ def machine_check(model, tokenizer, device: str, model_id: str, job: tuple[int, 
               f"{m['image_rate'] / f['image_rate']:9.2f}x/{m['caption_rate'] / f['caption_rate']:.2f}x "
               f"{m['cos_image']:13.5f}/{m['cos_text']:.5f} {m['setup_s']:8.1f}s {proj / 60:33.1f} min"
               + (f"  (exported once in {m['build_s']:.0f} s, kept)" if m.get("build_s") else "")
-              + ("  (timed and compared on a slice of the batch: under half fp32's rate there)"
+              + ("  (timed and compared on a slice of the batch: under half the rate of a faster path there)"
                  if m.get("timed_on", [CAL_IMAGES, CAL_CAPTIONS]) != [CAL_IMAGES, CAL_CAPTIONS] else "")
               + (f"  (struck: {m['struck']})" if m["struck"] else ""), file=out)
     if not compiled and device == "cpu":
