@@ -669,7 +669,7 @@ def _prepare_model(loaded: model_mod.LoadedModel, settings: ExtractSettings, tea
         print("int8-ort: loading both trunks in ONNX Runtime (the first time for a model: exporting and quantizing "
               "them, a minute or so, kept for later runs)", file=log)
     model = model_mod.prepare(loaded.model, settings.precision, team.device)
-    if settings.precision in ("int8", "int8-ort"):
+    if settings.precision in model_mod.INT8:
         print(f"int8 kernels: {model.int8_kernels}", file=log)
         if model.int8_kernels.startswith("eager"):
             print("warning: with eager int8 kernels, `make bench` measured only 1.2-1.6x fp32 and up to 1.7 pp of "
