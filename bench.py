@@ -650,8 +650,9 @@ def measure_path(model, name: str, device: str, pixels, tokens, text_batch: int,
     if prepared is None:
         # Every path prepares a copy: prepare rewrites the model it is given (attention as two Linear layers, in fp32
         # too), and the next path, int8-ort's export above all, must start from open_clip's own modules, as extract's
-        # does. The copy is not a cost of the path (extract prepares the model it loaded), so it is not timed.
-        own = copy.deepcopy(model)
+        # does. The copy shares the weights (model.sharing_copy) and is not a cost of the path (extract prepares the
+        # model it loaded), so it is not timed.
+        own = model_mod.sharing_copy(model)
         t0 = time.perf_counter()
         q = model_mod.prepare(own, name, device)
         prepared = q, time.perf_counter() - t0

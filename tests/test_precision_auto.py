@@ -93,9 +93,17 @@ def test_calibrating_leaves_the_callers_model_as_open_clip_built_it(small):
     model_mod.take_heads(model)
     before = {name: type(m) for name, m in model.named_modules()}
     assert torch.nn.MultiheadAttention in before.values()
-    _, prepared = bench.measure_paths(model, ["bf16"], "cpu", pixels[:2], tokens[:8], 64)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    _, prepared = bench.measure_paths(model, ["int8-fbgemm", "bf16"], "cpu", pixels[:2], tokens[:8], 64)
     assert {name: type(m) for name, m in model.named_modules()} == before
     assert model_mod.LinearSelfAttention in {type(m) for m in prepared["fp32"].modules()}
+    # The copies share the caller's weights (model.sharing_copy) and leave them as they were: bf16's cast too.
+    after = model.state_dict()
+    assert after.keys() == weights.keys()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in weights.items())
+    assert prepared["bf16"].transformer.resblocks[0].mlp.c_fc.weight.dtype == torch.bfloat16
+    mlp = "transformer.resblocks.0.mlp.c_fc.weight"
+    assert prepared["fp32"].state_dict()[mlp].data_ptr() == after[mlp].data_ptr()
 
 
 def test_a_path_with_non_finite_features_is_struck_with_its_reason(small, monkeypatch):
