@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
-import torch.ao.nn.quantized.dynamic as nnqd
 import torch.nn.functional as F
 
 CAST = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # weights cast to a dtype
@@ -363,14 +362,9 @@ class LinearSelfAttention(torch.nn.Module):
         super().__init__()
         if not self.fits(mha):
             raise ModelError("int8 needs batch-first attention with one packed input projection")
-        width, self.heads = mha.embed_dim, mha.num_heads
-        self.in_proj = torch.nn.Linear(width, 3 * width)
-        self.out_proj = torch.nn.Linear(width, width)
-        with torch.no_grad():
-            self.in_proj.weight.copy_(mha.in_proj_weight)
-            self.in_proj.bias.copy_(mha.in_proj_bias)
-            self.out_proj.weight.copy_(mha.out_proj.weight)
-            self.out_proj.bias.copy_(mha.out_proj.bias)
+        self.heads = mha.num_heads
+        self.in_proj = _linear_over(mha.in_proj_weight, mha.in_proj_bias)
+        self.out_proj = _linear_over(mha.out_proj.weight, mha.out_proj.bias)
 
     @staticmethod
     def fits(mha: torch.nn.MultiheadAttention) -> bool:
@@ -394,6 +388,16 @@ class LinearSelfAttention(torch.nn.Module):
             attn_mask = ~key_padding_mask[:, None, None, :]  # SDPA's boolean mask: True where a query may look
         out = F.scaled_dot_product_attention(qkv[0], kv[1], kv[2], attn_mask=attn_mask)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d)), None
+
+
+def _linear_over(weight: torch.Tensor, bias: torch.Tensor) -> torch.nn.Linear:
+    """An ``nn.Linear`` whose parameters are new Parameters over ``weight``'s and ``bias``'s storage: nothing is
+    initialised at random only to be overwritten, nothing copied (0.15 s and the attention's weights paged in afresh,
+    for each prepare of ViT-B/32)."""
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], device="meta")
+    layer.weight = torch.nn.Parameter(weight.detach(), requires_grad=weight.requires_grad)
+    layer.bias = torch.nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
+    return layer
 
 
 def linear_attention(model: torch.nn.Module, where_it_fits: bool = False) -> torch.nn.Module:
@@ -451,7 +455,7 @@ def _compiled_agrees(model, eager_visual, eager_transformer) -> bool:
 
 
 def quantize_int8_fbgemm(model: torch.nn.Module) -> torch.nn.Module:
-    """Dynamic int8 through ``torch.ao.quantization.quantize_dynamic`` (fbgemm kernels): weights per
+    """Dynamic int8 on torch.ao's fbgemm kernels (Int8Linear, what ``quantize_dynamic`` builds): weights per
     output channel, activations per batch at run time. In the image trunk every linear layer (its
     attention as two Linear layers, see LinearSelfAttention). In the text trunk, where fbgemm's products are exact
     with activations over their full 8-bit range (``fbgemm_full_range``: a CPU with VNNI), the attention's input
@@ -463,14 +467,11 @@ def quantize_int8_fbgemm(model: torch.nn.Module) -> torch.nn.Module:
     fp32 on 256 Flickr-length captions, an Intel Xeon with VNNI): with 7-bit activations the MLPs alone gave 0.99904
     and any attention layer more fell below 0.999 (0.99828 with the input projection). With 8-bit activations the
     MLPs gave 0.99964, with the input projection 0.99931 (text 1.99x fp32 against 1.52x), and with out_proj as well
-    0.99907, too near the line for a model with larger activations (2.20x). torch.ao.quantization is deprecated in
-    favour of torchao, and is kept as a fallback for one measured reason: its kernels need no compile, where eager
+    0.99907, too near the line for a model with larger activations (2.20x). torch.ao's quantized kernels are
+    deprecated in favour of torchao, and are kept as a fallback for one measured reason: its kernels need no compile, where eager
     torchao ran 0.05x fp32 on an AVX2-only EPYC and 1.25x on that Xeon's text, and compiled torchao costs about a
     minute of compile first. ``--precision auto`` takes it only where it measures fastest and faithful.
     """
-    import warnings
-
-    from torch.ao.quantization import per_channel_dynamic_qconfig
     model = model.float()
     linear_attention(model.visual)
     linear_attention(model.transformer, where_it_fits=True)  # folded as in prepare; its in_proj quantized below
@@ -481,16 +482,13 @@ def quantize_int8_fbgemm(model: torch.nn.Module) -> torch.nn.Module:
                             (("visual.transformer.", model.visual.transformer), ("transformer.", model.transformer))
                             for part in ("attn.out_proj", "mlp."))
     text_layers = (".mlp.", ".attn.in_proj") if full else (".mlp.",)
-    layers = {name: per_channel_dynamic_qconfig for name, module in model.named_modules()
+    layers = [name for name, module in model.named_modules()
               if isinstance(module, torch.nn.Linear) and not name.startswith(at_one_position)
-              and (name.startswith("visual.") or any(part in name for part in text_layers))}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # quantize_dynamic and its quantized tensors warn that they are deprecated
-        # In place: the caller's model is this path's own (linear_attention has already rewritten it), and a copy of
-        # the fp32 model would cost its size in memory and 0.4 s.
-        torch.ao.quantization.quantize_dynamic(model, layers, dtype=torch.qint8, inplace=True,
-                                               mapping={torch.nn.Linear: FullRangeLinear if full else nnqd.Linear})
-    model.int8_kernels = ("fbgemm (torch.ao quantize_dynamic): image trunk all linear layers, text trunk "
+              and (name.startswith("visual.") or any(part in name for part in text_layers))]
+    for name in layers:  # in place: the caller's model is this path's own (linear_attention has rewritten it)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, Int8Linear(getattr(model.get_submodule(parent), leaf), full))
+    model.int8_kernels = ("fbgemm (torch.ao's dynamic int8 kernels): image trunk all linear layers, text trunk "
                           + ("MLPs and attention input projections, 8-bit activations" if full
                              else "MLPs, 7-bit activations"))
     return model
@@ -519,13 +517,37 @@ def fbgemm_full_range() -> bool:
     return bool(torch.allclose(out, torch.full_like(out, 64.0), rtol=1e-3))
 
 
-class FullRangeLinear(nnqd.Linear):
-    """fbgemm's dynamic int8 Linear with activations over their full 8-bit range (torch.ao's own forward asks for 7
-    bits on every CPU); used only where fbgemm_full_range measured it exact."""
+class Int8Linear(torch.nn.Module):
+    """``linear`` as fbgemm's dynamic int8 product: weights quantized once per output channel (symmetric, as torch.ao's
+    per_channel_dynamic_qconfig does), activations per batch at run time over 8 bits (``full_range``, where
+    fbgemm_full_range measured it exact) or 7.
+
+    What torch.ao's quantize_dynamic builds (nnqd.Linear; tests compare them bitwise), built directly: nnqd.Linear
+    first packs a placeholder weight of the layer's full size and then the real one, and its forward asks for 7-bit
+    activations on every CPU. Packing once takes half the time (0.3 s less for ViT-B/32).
+    """
+
+    def __init__(self, linear: torch.nn.Linear, full_range: bool):
+        super().__init__()
+        import warnings
+        from torch.ao.quantization.observer import PerChannelMinMaxObserver
+        weight = linear.weight.detach().float()
+        observer = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+        observer(weight)
+        scale, zero_point = observer.calculate_qparams()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized tensors are deprecated along with torch.ao.quantization
+            qweight = torch.quantize_per_channel(weight, scale.double(), zero_point.long(), 0, torch.qint8)
+            self.packed = torch.ops.quantized.linear_prepack(qweight, linear.bias)
+        self.reduce_range = not full_range
+        self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x):
-        return torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params,
-                                                  reduce_range=False).to(x.dtype)
+        return torch.ops.quantized.linear_dynamic(x, self.packed, reduce_range=self.reduce_range).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"activations={'7' if self.reduce_range else '8'}-bit")
 
 
 def _quiet_compiler() -> None:

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.ao.nn.quantized.dynamic as nnqd
 from click.testing import CliRunner
 
 import bench
@@ -272,7 +271,7 @@ def test_int8_fbgemm_is_faithful_on_the_real_architecture(extracted, reference_m
     assert float(cos(a, b).min()) > 0.99 and np.isfinite(a.numpy()).all()
     # The last block's out_proj and MLP run at one position per image or caption: they stay fp32, the rest is int8
     # (in the text trunk, the attention's input projection only where activations take their full range).
-    dynamic = {name for name, module in q.named_modules() if isinstance(module, nnqd.Linear)}
+    dynamic = {name for name, module in q.named_modules() if isinstance(module, model_mod.Int8Linear)}
     for trunk in ("visual.transformer", "transformer"):
         assert not any(name.startswith(f"{trunk}.resblocks.11.") and ".in_proj" not in name for name in dynamic)
         assert f"{trunk}.resblocks.10.mlp.c_fc" in dynamic
@@ -280,8 +279,34 @@ def test_int8_fbgemm_is_faithful_on_the_real_architecture(extracted, reference_m
     assert ("transformer.resblocks.0.attn.in_proj" in dynamic) == model_mod.fbgemm_full_range()
     assert "transformer.resblocks.0.attn.out_proj" not in dynamic
     full = model_mod.fbgemm_full_range()
-    assert all(isinstance(module, model_mod.FullRangeLinear) == full
-               for name, module in q.named_modules() if name in dynamic)
+    assert all(module.reduce_range != full for name, module in q.named_modules() if name in dynamic)
+
+
+@pytest.mark.parametrize("full_range", [False, True])
+def test_int8_linear_is_what_torch_ao_quantize_dynamic_builds_to_the_bit(full_range):
+    """Int8Linear packs its weights once, where torch.ao's nnqd.Linear packs a placeholder first: the same quantized
+    weights and the same kernel, so the same output to the bit (one process, one thread count), 7-bit activations
+    as torch.ao's own forward and 8-bit as its kernel with reduce_range off."""
+    import warnings
+
+    import torch.ao.nn.quantized.dynamic as nnqd
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+    gen = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(96, 40)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(40, 96, generator=gen) * torch.rand(40, 1, generator=gen))
+    x = torch.randn(7, 5, 96, generator=gen) * 3
+    linear.qconfig = per_channel_dynamic_qconfig
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = nnqd.Linear.from_float(linear)
+        ours = model_mod.Int8Linear(linear, full_range)
+        want = (torch.ops.quantized.linear_dynamic(x, theirs._packed_params._packed_params, reduce_range=False)
+                if full_range else theirs(x))
+        assert torch.equal(torch.ops.quantized.linear_unpack(ours.packed)[0].int_repr(),
+                           theirs.weight().int_repr())
+    assert torch.equal(ours(x), want)
+    assert not torch.equal(ours(x), model_mod.Int8Linear(linear, not full_range)(x))  # the range is its own
 
 
 def test_fbgemm_takes_full_range_activations_only_where_its_products_do_not_saturate():
