@@ -645,7 +645,7 @@ def time_trunk(run, n: int, device: str, fastest_first=None) -> tuple[float, tor
 
 
 def _runners(q, px: torch.Tensor, tokens: torch.Tensor, text_batch: int, device: str) -> tuple:
-    """``run(k)`` for each trunk of the prepared model ``q``: features of the first k images, of the first k captions."""
+    """``run(k)`` for each trunk of the prepared model ``q``: features of its first k images, or first k captions."""
     return (lambda k: model_mod.image_features(q, px[:k]).float().cpu(),
             lambda k: extract.encode_window(q, tokens[:k], text_batch, device).cpu())
 

@@ -192,7 +192,8 @@ def test_a_path_is_held_to_the_fastest_path_before_it_not_only_to_fp32(small, mo
         current.append(name)
         return real_prepare(model, name, *args, **kwargs)
     monkeypatch.setattr(model_mod, "prepare", prepare)
-    monkeypatch.setattr(bench, "_timed", lambda fn, n, device: (n * per_item[current[-1]], real_timed(fn, n, device)[1]))
+    monkeypatch.setattr(bench, "_timed",
+                        lambda fn, n, device: (n * per_item[current[-1]], real_timed(fn, n, device)[1]))
     measured, _ = bench.measure_paths(loaded.model, ["int8-fbgemm", "bf16"], "cpu", pixels, tokens, 64)
     assert measured["int8-fbgemm"]["timed_on"] == [len(pixels), len(tokens)]
     assert (measured["bf16"]["timed_on"] == [2, 3]) == stops
