@@ -122,7 +122,6 @@ def test_bad_option_values_are_named(run, tmp_path):
         assert r.exit_code == 2 and "--lr" in r.output and "comma list" in r.output
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_a_command_exits_without_the_collectors_last_pass_over_every_object(tmp_path):
     """The command line freezes the collector's objects at exit (cli.skip_final_collection): an exit hook registered
     before the command runs after it, and finds the objects frozen. Without it they are not, and Python's last full
@@ -139,6 +138,7 @@ def test_a_command_exits_without_the_collectors_last_pass_over_every_object(tmp_
     assert int(out.stdout.split("frozen ")[-1]) > 10_000
 
 
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_the_command_lines_malloc_reuses_a_freed_tensors_memory_instead_of_paging_it_in_again():
     """A 64 MiB tensor made and freed twenty times: glibc alone maps it afresh each time (a page fault per 4 KiB
     page, 16,384 a time); with keep_freed_memory the heap grows for the first few and then serves every later one
