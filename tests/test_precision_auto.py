@@ -122,15 +122,16 @@ def test_a_path_with_non_finite_features_is_struck_with_its_reason(small, monkey
     assert precision != "bf16" and "bf16 struck: non-finite" in line
 
 
-@pytest.mark.parametrize("n, per_item, expected_calls", [(8, 3.0, [2]), (8, 1.5, [2, 8, 8]), (8, None, [2, 8, 8]),
-                                                       (128, 3.0, [8]), (128, 1.5, [8, 128, 128]),
-                                                       (128, None, [8, 128, 128])])
+@pytest.mark.parametrize("n, per_item, expected_calls", [(8, 3.0, [2]), (8, 1.5, [2, 8]), (8, None, [2, 8]),
+                                                       (128, 3.0, [8]), (128, 1.5, [8, 128]), (128, None, [8, 128]),
+                                                       (2, None, [2])])
 def test_a_trunk_under_half_fp32s_rate_on_the_same_first_slice_is_timed_on_that_slice_alone(monkeypatch, n, per_item,
                                                                                             expected_calls):
     """On a clock the test drives: fp32 took 1 s an item on the first slice (a sixteenth, at least 2: 2 of 8 items,
     8 of 128); a path at 3 s an item stops after that slice (features of those items); one at 1.5 s an item goes
-    on to the best of two whole batches; fp32 itself (no fp32 to compare with) is timed on the slice, which later
-    paths are compared on, and on the whole batch twice."""
+    on to one timing of the whole batch; fp32 itself (no fp32 to compare with) is timed on the slice, which later
+    paths are compared on, and on the whole batch. A batch no larger than its slice (auto's tiny 2 images) is timed
+    once."""
     clock, calls = [0.0], []
 
     class FakeTime:
@@ -198,6 +199,47 @@ def test_a_path_is_held_to_the_fastest_path_before_it_not_only_to_fp32(small, mo
     assert measured["int8-fbgemm"]["timed_on"] == [len(pixels), len(tokens)]
     assert (measured["bf16"]["timed_on"] == [2, 3]) == stops
     assert bench.PATHS["cpu"].index("int8-fbgemm") < bench.PATHS["cpu"].index("bf16")
+
+
+@pytest.mark.parametrize("int8_image_rate, timed_again", [(2.2, [("image", "fp32"), ("image", "int8-fbgemm")]),
+                                                          (4.0, [])])
+def test_a_trunk_is_timed_again_only_where_paths_come_close(monkeypatch, int8_image_rate, timed_again):
+    """Each path is timed once on the whole batch; where two or more faithful paths on a trunk come within CLOSE
+    (1.25x) of its fastest, each of those is timed once more and keeps the faster reading. fp32 at 2 images/s and
+    int8-fbgemm at 2.2 (1.1x) are timed again on images, and read 2.5 and 2.75 now; at 4.0 (2x) nothing is. Text (4x)
+    is never close, and bf16, stopped at its slice, and a path struck are never timed again."""
+    def entry(image_rate, caption_rate, timed_on=(8, 128), struck=""):
+        return {"image_rate": image_rate, "caption_rate": caption_rate, "timed_on": list(timed_on), "struck": struck}
+    measured = {"fp32": entry(2.0, 10.0), "int8-fbgemm": entry(int8_image_rate, 40.0),
+                "bf16": entry(2.1, 11.0, timed_on=(2, 8)), "int8-ort": entry(2.3, 39.0, struck="min cosine")}
+    calls = []
+    monkeypatch.setattr(bench, "_runners", lambda q, *args: (("image", q), ("text", q)))
+
+    def timed(run, n, device):
+        calls.append(run)
+        return n / 2.5 if run[1] == "fp32" else n / 2.75, None
+    monkeypatch.setattr(bench, "_timed", timed)
+    bench.time_again_where_close(measured, {k: k for k in measured}, "cpu", torch.zeros(8, 3, 2, 2),
+                                 torch.zeros(128, 77, dtype=torch.long), 64)
+    assert calls == timed_again
+    if timed_again:
+        assert measured["fp32"]["image_rate"] == pytest.approx(2.5)
+        assert measured["int8-fbgemm"]["image_rate"] == pytest.approx(2.75)
+    assert measured["fp32"]["caption_rate"] == 10.0 and measured["bf16"]["image_rate"] == 2.1
+
+
+def test_a_path_already_prepared_and_run_is_not_warmed_up_again(small, monkeypatch):
+    """auto's fp32 has been prepared and run for its tiny timing: its calibration starts with the timed first slice
+    (2 images), where a path prepared afresh first runs 2 images untimed."""
+    loaded, pixels, tokens = small
+    sizes = []
+    real = model_mod.image_features
+    monkeypatch.setattr(model_mod, "image_features", lambda q, px: sizes.append(len(px)) or real(q, px))
+    _, q, _ = bench.measure_path(loaded.model, "fp32", "cpu", pixels, tokens[:16], 64)
+    assert sizes == [2, 2, 8]
+    sizes.clear()
+    bench.measure_path(loaded.model, "fp32", "cpu", pixels, tokens[:16], 64, prepared=(q, 0.0))
+    assert sizes == [2, 8]
 
 
 def test_auto_prepares_fp32_once_for_its_tiny_timing_and_its_calibration(small, monkeypatch):
