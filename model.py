@@ -334,7 +334,8 @@ def sharing_copy(model: torch.nn.Module) -> torch.nn.Module:
     parameters by assigning new data to them; it never writes into a weight's storage. So each parameter of the copy
     is a new Parameter over the same storage: a cast or a replaced module in the copy leaves ``model`` as it was
     (tests prove it for every path). ``--precision auto`` calibrates every path on such a copy: a deepcopy's fresh
-    weights (600 MB for ViT-B/32) cost 0.3-1.0 s each to page in, three times per calibration.
+    weights (600 MB for ViT-B/32) took 1.04, 0.77 and 0.32 s to page in for a first calibration's three paths (an
+    Intel Xeon with AVX-512 VNNI and BF16, its AMX refused, 2 cores).
     """
     memo = {id(p): torch.nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in model.parameters()}
     memo.update({id(b): b.detach() for b in model.buffers()})
@@ -392,8 +393,8 @@ class LinearSelfAttention(torch.nn.Module):
 
 def _linear_over(weight: torch.Tensor, bias: torch.Tensor) -> torch.nn.Linear:
     """An ``nn.Linear`` whose parameters are new Parameters over ``weight``'s and ``bias``'s storage: nothing is
-    initialised at random only to be overwritten, nothing copied (0.15 s and the attention's weights paged in afresh,
-    for each prepare of ViT-B/32)."""
+    initialised at random only to be overwritten, nothing copied (0.15 s of random numbers and the attention's
+    weights paged in afresh, for each prepare of ViT-B/32 on that Xeon)."""
     layer = torch.nn.Linear(weight.shape[1], weight.shape[0], device="meta")
     layer.weight = torch.nn.Parameter(weight.detach(), requires_grad=weight.requires_grad)
     layer.bias = torch.nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
@@ -524,7 +525,8 @@ class Int8Linear(torch.nn.Module):
 
     What torch.ao's quantize_dynamic builds (nnqd.Linear; tests compare them bitwise), built directly: nnqd.Linear
     first packs a placeholder weight of the layer's full size and then the real one, and its forward asks for 7-bit
-    activations on every CPU. Packing once saves 0.2 s of ViT-B/32's quantizing (0.37 s of packing, not 0.59).
+    activations on every CPU. Packing once saves 0.2 s of ViT-B/32's quantizing (cProfile on an Intel Xeon with
+    AVX-512 VNNI, AMX refused: 0.37 s of packing, not 0.59).
     """
 
     def __init__(self, linear: torch.nn.Linear, full_range: bool):

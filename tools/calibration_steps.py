@@ -66,7 +66,7 @@ def main(n_images: int = 1024) -> None:
     bench.measure_path, bench._timed, bench.time_again_where_close = measure, timed, again
     t0 = time.perf_counter()
     _, _, line = bench.auto_precision(loaded.model, "cpu", pixels, tokens, n_images, 5 * n_images,
-                                        bench.model_id(loaded), 64)
+                                      bench.model_id(loaded), 64)
     print(f"calibration: {time.perf_counter() - t0:.1f} s; {line}")
 
 
