@@ -30,6 +30,43 @@ def test_linear_attention_is_multihead_attention_in_fp32(reference_model):
             assert float((a - b).abs().max() / a.abs().max()) < 1e-5
 
 
+@pytest.mark.parametrize("activation", [torch.nn.GELU(), torch.nn.GELU(approximate="tanh"),
+                                        __import__("open_clip").transformer.QuickGELU()], ids=["erf", "tanh", "quick"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_activation_is_the_same_arithmetic_in_the_input(activation, dtype):
+    """Bit for bit what the activation computes, written into its input; where autograd needs the input, out of place
+    with the same gradient."""
+    x = torch.randn(64, 3072, dtype=dtype) * 3
+    ours = model_mod.InPlaceActivation(activation)
+    with torch.no_grad():
+        hidden = x.clone()
+        out = ours(hidden)
+    assert torch.equal(out, activation(x)) and out.data_ptr() == hidden.data_ptr()
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours(a).sum().backward()
+    activation(b).sum().backward()
+    assert torch.equal(a.grad, b.grad) and torch.equal(a.detach(), x)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8-fbgemm"])
+def test_prepared_trunks_with_in_place_activations_give_the_same_features(reference_model, precision):
+    """Every MLP activation of both trunks is InPlaceActivation once prepared, and the features are those of the same
+    prepared trunks with open_clip's own activations put back, to the bit (one process, one configuration)."""
+    ref = copy.deepcopy(reference_model.model)
+    model_mod.take_heads(ref)
+    net = model_mod.prepare(ref, precision, "cpu")
+    mlps = [m for m in net.modules() if isinstance(m, torch.nn.Sequential) and hasattr(m, "c_fc")]
+    assert len(mlps) == 24 and all(isinstance(m.gelu, model_mod.InPlaceActivation) for m in mlps)
+    x = torch.randn(3, 3, 224, 224)
+    tokens = reference_model.tokenizer(["a dog", "two people sit near the water on a sunny day .", "a red car"])
+    with torch.no_grad():
+        ours = model_mod.image_features(net, x), model_mod.text_features(net, tokens)
+        for m in mlps:
+            m.gelu = m.gelu.activation
+        theirs = model_mod.image_features(net, x), model_mod.text_features(net, tokens)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8-fbgemm"])
 def test_no_attention_projection_runs_as_one_product_per_position(reference_model, precision):
     """MultiheadAttention hands its input projection a length-first view that F.linear cannot fold into one
