@@ -3,6 +3,9 @@ another kind can say whether one of them wins there. Random-init ViT-B/32, both 
 speed (Flickr-like captions, 64 random images; fp32 timed again beside each row) and min cosine (16 images,
 256 captions), as `make bench` does.
 
+- int8-fbgemm's own layers packed for torch's oneDNN quantized engine (``torch.backends.quantized.engine =
+  "onednn"``) instead of fbgemm, beside int8-fbgemm as shipped; these two rows need nothing beyond the project;
+
 - OpenVINO: fp32 (its own kernels), int8 weights only (NNCF ``compress_weights``, INT8_ASYM) and static int8
   (NNCF ``quantize``, transformer preset, calibrated on the very images and captions it is measured on,
   which flatters it);
@@ -67,19 +70,22 @@ def linear_roles(path: Path) -> dict:
     return roles
 
 
-def main() -> None:
+def on_onednn(model) -> torch.nn.Module:
+    """int8-fbgemm's layers (model.Int8Linear) packed for torch's oneDNN quantized engine instead of fbgemm: the same
+    weights and activation scheme, oneDNN's kernels (AMX where the CPU grants it)."""
+    engine = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "onednn"  # the packed weights keep the engine they were packed for
     try:
-        import nncf
-        import openvino as ov
-    except ImportError as exc:
-        sys.exit(f"int8_options: {exc}; install OpenVINO and NNCF beside the project (see this file's docstring)")
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+        return model_mod.prepare(model_mod.sharing_copy(model), "int8-fbgemm", "cpu")
+    finally:
+        torch.backends.quantized.engine = engine
+
+
+def main() -> None:
     torch.manual_seed(0)
     name = bench.cpu_name_and_flags()[0]
     threads = torch.get_num_threads()
-    print(f"{name} (flags: {bench.isa_flags()}); torch {torch.__version__}, OpenVINO {ov.__version__}, "
-          f"{threads} threads")
+    print(f"{name} (flags: {bench.isa_flags()}); torch {torch.__version__}, {threads} threads")
     loaded = model_mod.load_model("ViT-B-32", "none")
     model = loaded.model
     model_mod.take_heads(model)
@@ -100,6 +106,16 @@ def main() -> None:
         q.visual, q.transformer = visual, transformer
         return q
 
+    row("int8-fbgemm as shipped", model_mod.prepare(model_mod.sharing_copy(model), "int8-fbgemm", "cpu"))
+    row("int8-fbgemm's layers on oneDNN's kernels", on_onednn(model))
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError as exc:
+        sys.exit(f"int8_options: {exc}; install OpenVINO and NNCF beside the project (see this file's docstring)")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    print(f"OpenVINO {ov.__version__}")
     logging.disable(logging.WARNING)  # NNCF and quantize_dynamic report progress and advice on the root logger
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
