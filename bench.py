@@ -621,7 +621,7 @@ def first_slice(n: int) -> int:
     return min(n, max(2, n // 16))
 
 
-def time_trunk(run, n: int, device: str, fastest_first=None) -> tuple[float, torch.Tensor, float]:
+def time_trunk(run, n: int, device: str, fastest_first=None, can_win=None) -> tuple[float, torch.Tensor, float]:
     """(seconds, features, seconds on the first slice) of one trunk on the first n items of the calibration batch
     (``run(k)``: its first k).
 
@@ -631,12 +631,14 @@ def time_trunk(run, n: int, device: str, fastest_first=None) -> tuple[float, tor
     whole batch, and on a Xeon without AMX 2.5 s of a first calibration at 0.7x fp32, behind int8 at 2x). The
     comparison is with the same items, never with a rate on the whole batch: small batches run slower per item, and
     against fp32's whole-batch rate a slice of short captions read int8-fbgemm's text, which wins on the whole batch,
-    slower than fp32. Half leaves room for the noise of one short timing. Otherwise it is timed once on the whole
-    batch; measure_paths times it again where another path's rate comes close (time_again_where_close).
+    slower than fp32. Half leaves room for the noise of one short timing. So does a path that ``can_win`` (given
+    the slice's seconds) says cannot win the job (measure_path). Otherwise it is timed once on the whole batch;
+    measure_paths times it again where another path's rate comes close (time_again_where_close).
     """
     first = first_slice(n)
     first_s, feats = _timed(run, first, device)
-    if first == n or (fastest_first is not None and first_s > 2 * fastest_first):
+    if first == n or (fastest_first is not None and first_s > 2 * fastest_first) or \
+            (can_win is not None and not can_win(first_s)):
         return first_s, feats, first_s
     seconds, feats = _timed(run, n, device)
     return seconds, feats, first_s
@@ -649,11 +651,19 @@ def _runners(q, px: torch.Tensor, tokens: torch.Tensor, text_batch: int, device:
 
 
 def measure_path(model, name: str, device: str, pixels, tokens, text_batch: int, reference=None, fastest_first=None,
-                 prepared=None):
+                 prepared=None, job=None):
     """(measurement, the prepared model, its features): rates for both trunks, one-time setup, fidelity against
     fp32's features (``reference``); ``fastest_first``, the fastest first-slice seconds measured before on each trunk
     (see time_trunk); ``prepared``, (this path already prepared and run, its setup seconds): neither prepared nor
-    warmed up again."""
+    warmed up again; ``job``, (images, captions, the measurement of the path that projects it shortest so far).
+
+    With a job, the text trunk stops at its slice where the job, projected from this path's image rate and its text
+    slice, takes more than twice as long as with the best path so far: then it cannot win this job. Its text is
+    projected as the best path's, scaled by the two paths' seconds on the same slice. Twice, as in time_trunk: a
+    slice's rate can read a path up to about 1.7x slow against the whole batch (bf16 on an AMX Xeon: 2.4x fp32 on 8
+    captions, 3.3x on 256, times one timing's 1.25x of noise). On the Xeon with AMX refused bf16's text slice read
+    1.7-1.9x int8-fbgemm's seconds, inside time_trunk's 2x, and its text ran the whole batch in every first
+    calibration (1.8-2.0 s of it), though its images, at under half int8-fbgemm's rate, had already lost the job."""
     warm = prepared is not None
     if prepared is None:
         # Every path prepares a copy: prepare rewrites the model it is given (attention as two Linear layers, in fp32
@@ -674,8 +684,15 @@ def measure_path(model, name: str, device: str, pixels, tokens, text_batch: int,
             run_text(8)
         t_img, f_img, first_img = time_trunk(run_image, len(pixels), device,
                                              None if fastest_first is None else fastest_first[0])
+
+        def can_win(first_s):
+            n_images, n_captions, best = job
+            text_s = n_captions / best["caption_rate"] * first_s / best["first_slice_s"][1]
+            mine = setup + build + n_images / (len(f_img) / t_img) + text_s
+            return mine <= 2 * projected_s(best, n_images, n_captions)
         t_txt, f_txt, first_txt = time_trunk(run_text, len(tokens), device,
-                                             None if fastest_first is None else fastest_first[1])
+                                             None if fastest_first is None else fastest_first[1],
+                                             None if job is None else can_win)
     feats, n_img, n_txt = {"image": f_img, "text": f_txt}, len(f_img), len(f_txt)
     if reference is not None:  # a trunk timed on a slice of the batch is compared on that slice
         reference = {"image": reference["image"][:n_img], "text": reference["text"][:n_txt]}
@@ -707,9 +724,10 @@ def window_factor(tokens: torch.Tensor, batch: int, window: int = 2048) -> float
     return float((padded(lengths) / len(lengths)) / (padded(full) / window))
 
 
-def measure_paths(model, names, device: str, pixels, tokens, text_batch: int, fp32=None) -> tuple[dict, dict]:
+def measure_paths(model, names, device: str, pixels, tokens, text_batch: int, fp32=None, job=None) -> tuple[dict, dict]:
     """(measurements, prepared models) for fp32 and then ``names``, each against fp32's features; ``fp32``: (fp32
-    already prepared, its setup seconds).
+    already prepared, its setup seconds); ``job``, (images, captions) of the job being calibrated for (see
+    measure_path; `cli.py bench` measures every path whole, for any job).
 
     A path that cannot run here is struck, with its reason, never chosen. Each trunk of a path is timed against the
     fastest faithful path before it on the same first slice (time_trunk), so the order of ``names`` (PATHS: int8
@@ -719,10 +737,12 @@ def measure_paths(model, names, device: str, pixels, tokens, text_batch: int, fp
     measured["fp32"], prepared["fp32"], ref = measure_path(model, "fp32", device, pixels, tokens, text_batch,
                                                            prepared=fp32)
     for name in names:
-        fastest = [min(m["first_slice_s"][trunk] for m in measured.values() if not m["struck"]) for trunk in (0, 1)]
+        faithful = {k: m for k, m in measured.items() if not m["struck"]}
+        fastest = [min(m["first_slice_s"][trunk] for m in faithful.values()) for trunk in (0, 1)]
+        best = None if job is None else (*job, min(faithful.values(), key=lambda m: projected_s(m, *job)))
         try:
             measured[name], prepared[name], _ = measure_path(model, name, device, pixels, tokens, text_batch, ref,
-                                                             fastest)
+                                                             fastest, job=best)
         except Exception as exc:  # noqa: BLE001
             measured[name] = {"image_rate": 1e-9, "caption_rate": 1e-9, "setup_s": 0.0, "cos_image": 0.0,
                               "cos_text": 0.0, "struck": f"failed: {str(exc).splitlines()[0][:80]}"}
@@ -840,7 +860,7 @@ def auto_precision(model, device: str, pixels, tokens, n_images: int, n_captions
     slow = slow_to_start(model) if device == "cpu" else COMPILED
     wanted = list(PATHS[device]) if t32 > LONG_JOB_S else [p for p in PATHS[device] if p not in slow]
     measured, prepared = measure_paths(model, wanted[1:], device, pixels, tokens, text_batch,
-                                       (fp32, tiny["setup_s"]))  # fp32 as prepared for the tiny timing
+                                       (fp32, tiny["setup_s"]), (n_images, n_captions))  # fp32 as for the tiny
     write_record(key, _keep_build(recorded, measured))
     now = _built_now(measured, model) if device == "cpu" else measured  # a build done while calibrating is paid
     best, _ = choose(now, n_images, n_captions)

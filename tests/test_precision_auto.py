@@ -201,6 +201,36 @@ def test_a_path_is_held_to_the_fastest_path_before_it_not_only_to_fp32(small, mo
     assert bench.PATHS["cpu"].index("int8-fbgemm") < bench.PATHS["cpu"].index("bf16")
 
 
+@pytest.mark.parametrize("job, bf16_image_per_item, text_stops", [(None, 3.0, False), ((1000, 100), 3.0, True),
+                                                                  ((1000, 100), 0.6, False)])
+def test_a_path_whose_images_alone_lose_the_job_stops_its_text_at_the_slice(small, monkeypatch, job,
+                                                                            bf16_image_per_item, text_stops):
+    """As on a Xeon without AMX: int8-fbgemm at 0.4 s an item on both trunks, bf16's text slice at 0.7 s an item,
+    within the 2x of time_trunk. Calibrating for a job of 1,000 images and 100 captions, bf16 at 3 s an image
+    projects 3,000 s of images alone against int8-fbgemm's whole job of about 440 s: it cannot win, and its text
+    stops at the slice. At 0.6 s an image (about 670 s against 440) it might, and its text runs the whole batch, as
+    it does wherever no job is given (`cli.py bench`)."""
+    loaded, pixels, tokens = small
+    tokens = tokens[:48]
+    current = []
+    real_prepare, real_timed = model_mod.prepare, bench._timed
+    per_item = {"fp32": (1.0, 1.0), "int8-fbgemm": (0.4, 0.4), "bf16": (bf16_image_per_item, 0.7)}
+
+    def prepare(model, name, *args, **kwargs):
+        current.append(name)
+        return real_prepare(model, name, *args, **kwargs)
+    monkeypatch.setattr(model_mod, "prepare", prepare)
+
+    def timed(fn, n, device):
+        text = n in (3, len(tokens))
+        return n * per_item[current[-1]][text], real_timed(fn, n, device)[1]
+    monkeypatch.setattr(bench, "_timed", timed)
+    measured, _ = bench.measure_paths(loaded.model, ["int8-fbgemm", "bf16"], "cpu", pixels, tokens, 64, job=job)
+    assert measured["int8-fbgemm"]["timed_on"] == [len(pixels), len(tokens)]
+    assert measured["bf16"]["timed_on"][1] == (3 if text_stops else len(tokens))
+    assert measured["bf16"]["timed_on"][0] == (2 if bf16_image_per_item > 0.8 else len(pixels))
+
+
 @pytest.mark.parametrize("int8_image_rate, timed_again", [(2.2, [("image", "fp32"), ("image", "int8-fbgemm")]),
                                                           (4.0, [])])
 def test_a_trunk_is_timed_again_only_where_paths_come_close(monkeypatch, int8_image_rate, timed_again):
