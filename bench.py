@@ -615,6 +615,9 @@ def _timed(fn, n: int, device: str) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - t, out
 
 
+SLICE_SLACK = 2.0  # how much slower on a slice a path may read before it stops there (time_trunk, measure_path)
+
+
 def first_slice(n: int) -> int:
     """How many of a calibration batch's n items every path is timed on first: a sixteenth, at least 2 (2 of the 8
     images, 8 of the 128 captions)."""
@@ -637,7 +640,7 @@ def time_trunk(run, n: int, device: str, fastest_first=None, can_win=None) -> tu
     """
     first = first_slice(n)
     first_s, feats = _timed(run, first, device)
-    if first == n or (fastest_first is not None and first_s > 2 * fastest_first) or \
+    if first == n or (fastest_first is not None and first_s > SLICE_SLACK * fastest_first) or \
             (can_win is not None and not can_win(first_s)):
         return first_s, feats, first_s
     seconds, feats = _timed(run, n, device)
@@ -651,19 +654,21 @@ def _runners(q, px: torch.Tensor, tokens: torch.Tensor, text_batch: int, device:
 
 
 def measure_path(model, name: str, device: str, pixels, tokens, text_batch: int, reference=None, fastest_first=None,
-                 prepared=None, job=None):
+                 prepared=None, job=None, best=None):
     """(measurement, the prepared model, its features): rates for both trunks, one-time setup, fidelity against
     fp32's features (``reference``); ``fastest_first``, the fastest first-slice seconds measured before on each trunk
     (see time_trunk); ``prepared``, (this path already prepared and run, its setup seconds): neither prepared nor
-    warmed up again; ``job``, (images, captions, the measurement of the path that projects it shortest so far).
+    warmed up again; ``job``, (images, captions) being calibrated for, and ``best``, the measurement of the path
+    that projects it shortest so far.
 
     With a job, the text trunk stops at its slice where the job, projected from this path's image rate and its text
-    slice, takes more than twice as long as with the best path so far: then it cannot win this job. Its text is
-    projected as the best path's, scaled by the two paths' seconds on the same slice. Twice, as in time_trunk: a
-    slice's rate can read a path up to about 1.7x slow against the whole batch (bf16 on an AMX Xeon: 2.4x fp32 on 8
-    captions, 3.3x on 256, times one timing's 1.25x of noise). On the Xeon with AMX refused bf16's text slice read
-    1.7-1.9x int8-fbgemm's seconds, inside time_trunk's 2x, and its text ran the whole batch in every first
-    calibration (1.8-2.0 s of it), though its images, at under half int8-fbgemm's rate, had already lost the job."""
+    slice, takes more than SLICE_SLACK times as long as with the best path: then it cannot win this job. Its text is
+    projected as the best path's, scaled by the two paths' seconds on the same slice. The same slack as time_trunk's:
+    a slice's rate can read a path up to about 1.7x slow against the whole batch (bf16 on the AMX Xeon, one-off
+    scripts in the README: 2.4x fp32 on 8 captions, 3.3x on 256; times one timing's 1.25x of noise). With AMX refused
+    bf16's text slice read 1.7-1.9x int8-fbgemm's seconds, inside time_trunk's slack, and its text ran the whole
+    batch in every first calibration (1.8-2.0 s of it, `tools/calibration_steps.py`), though its images, at under
+    half int8-fbgemm's rate, had already lost the job."""
     warm = prepared is not None
     if prepared is None:
         # Every path prepares a copy: prepare rewrites the model it is given (attention as two Linear layers, in fp32
@@ -686,17 +691,17 @@ def measure_path(model, name: str, device: str, pixels, tokens, text_batch: int,
                                              None if fastest_first is None else fastest_first[0])
 
         def can_win(first_s):
-            n_images, n_captions, best = job
+            n_images, n_captions = job
             text_s = n_captions / best["caption_rate"] * first_s / best["first_slice_s"][1]
-            mine = setup + build + n_images / (len(f_img) / t_img) + text_s
-            return mine <= 2 * projected_s(best, n_images, n_captions)
+            mine = setup + build + n_images * t_img / len(f_img) + text_s
+            return mine <= SLICE_SLACK * projected_s(best, n_images, n_captions)
         t_txt, f_txt, first_txt = time_trunk(run_text, len(tokens), device,
                                              None if fastest_first is None else fastest_first[1],
                                              None if job is None else can_win)
     feats, n_img, n_txt = {"image": f_img, "text": f_txt}, len(f_img), len(f_txt)
     if reference is not None:  # a trunk timed on a slice of the batch is compared on that slice
         reference = {"image": reference["image"][:n_img], "text": reference["text"][:n_txt]}
-    m = {"image_rate": n_img / t_img, "caption_rate": n_txt / t_txt * window_factor(tokens[:n_txt], text_batch),
+    m = {"image_rate": n_img / t_img, "caption_rate": caption_rate(tokens[:n_txt], t_txt, text_batch),
          "setup_s": setup, "build_s": build, "timed_on": [n_img, n_txt], "first_slice_s": [first_img, first_txt],
          "cos_image": 1.0, "cos_text": 1.0, "struck": ""}
     if not all(bool(torch.isfinite(f).all()) for f in feats.values()):
@@ -708,6 +713,11 @@ def measure_path(model, name: str, device: str, pixels, tokens, text_batch: int,
         if min(m["cos_image"], m["cos_text"]) < FAITHFUL:
             m["struck"] = f"min cosine {min(m['cos_image'], m['cos_text']):.5f} < {FAITHFUL} to fp32"
     return m, q, feats
+
+
+def caption_rate(tokens: torch.Tensor, seconds: float, batch: int) -> float:
+    """Captions a second in extraction's sorted windows, from ``seconds`` for these tokens (see window_factor)."""
+    return len(tokens) / seconds * window_factor(tokens, batch)
 
 
 def window_factor(tokens: torch.Tensor, batch: int, window: int = 2048) -> float:
@@ -737,12 +747,11 @@ def measure_paths(model, names, device: str, pixels, tokens, text_batch: int, fp
     measured["fp32"], prepared["fp32"], ref = measure_path(model, "fp32", device, pixels, tokens, text_batch,
                                                            prepared=fp32)
     for name in names:
-        faithful = {k: m for k, m in measured.items() if not m["struck"]}
-        fastest = [min(m["first_slice_s"][trunk] for m in faithful.values()) for trunk in (0, 1)]
-        best = None if job is None else (*job, min(faithful.values(), key=lambda m: projected_s(m, *job)))
+        fastest = [min(m["first_slice_s"][trunk] for m in measured.values() if not m["struck"]) for trunk in (0, 1)]
+        best = None if job is None else measured[choose(measured, *job)[0]]
         try:
             measured[name], prepared[name], _ = measure_path(model, name, device, pixels, tokens, text_batch, ref,
-                                                             fastest, job=best)
+                                                             fastest, job=job, best=best)
         except Exception as exc:  # noqa: BLE001
             measured[name] = {"image_rate": 1e-9, "caption_rate": 1e-9, "setup_s": 0.0, "cos_image": 0.0,
                               "cos_text": 0.0, "struck": f"failed: {str(exc).splitlines()[0][:80]}"}
@@ -767,7 +776,7 @@ def time_again_where_close(measured: dict, prepared: dict, device: str, pixels, 
             run = _runners(prepared[k], pixels.to(device), tokens, text_batch, device)[trunk]
             with torch.no_grad():
                 seconds, _ = _timed(run, n, device)
-            again = n / seconds * (window_factor(tokens, text_batch) if trunk else 1.0)
+            again = caption_rate(tokens, seconds, text_batch) if trunk else n / seconds
             measured[k][rate] = max(measured[k][rate], again)
 
 
