@@ -150,6 +150,19 @@ def test_a_trunk_under_half_fp32s_rate_on_the_same_first_slice_is_timed_on_that_
     assert len(feats) == expected_calls[-1] and seconds == pytest.approx(expected_calls[-1] * (per_item or 1.0))
 
 
+def drive_clock(monkeypatch, seconds):
+    """Calibration timed by the test: every ``bench._timed`` of n items by the path being measured reads
+    ``seconds(path, n)`` (the features are still computed); prepare is watched to know which path that is."""
+    current = []
+    real_prepare, real_timed = model_mod.prepare, bench._timed
+
+    def prepare(model, name, *args, **kwargs):
+        current.append(name)
+        return real_prepare(model, name, *args, **kwargs)
+    monkeypatch.setattr(model_mod, "prepare", prepare)
+    monkeypatch.setattr(bench, "_timed", lambda fn, n, device: (seconds(current[-1], n), real_timed(fn, n, device)[1]))
+
+
 @pytest.mark.parametrize("slice_per_item, stops", [(1.2, False), (2.5, True)])
 def test_a_path_is_compared_with_fp32_on_the_same_slice_not_with_fp32s_whole_batch_rate(small, monkeypatch,
                                                                                        slice_per_item, stops):
@@ -159,19 +172,8 @@ def test_a_path_is_compared_with_fp32_on_the_same_slice_not_with_fp32s_whole_bat
     on the slice stops there."""
     loaded, pixels, tokens = small
     tokens = tokens[:48]  # slices of 2 images and 3 captions, whole batches of 8 and 48: each size tells its call
-    current = []
-    real_prepare, real_timed = model_mod.prepare, bench._timed
     per_item = {"fp32": (1.0, 0.5), "bf16": (slice_per_item, 0.4)}  # (on the first slice, on the whole batch)
-
-    def prepare(model, name, *args, **kwargs):
-        current.append(name)
-        return real_prepare(model, name, *args, **kwargs)
-    monkeypatch.setattr(model_mod, "prepare", prepare)
-
-    def timed(fn, n, device):
-        whole = n in (len(pixels), len(tokens))
-        return n * per_item[current[-1]][whole], real_timed(fn, n, device)[1]
-    monkeypatch.setattr(bench, "_timed", timed)
+    drive_clock(monkeypatch, lambda path, n: n * per_item[path][n in (len(pixels), len(tokens))])
     measured, _ = bench.measure_paths(loaded.model, ["bf16"], "cpu", pixels, tokens, 64)
     assert measured["fp32"]["first_slice_s"] == pytest.approx([2.0, 3.0])
     assert (measured["bf16"]["timed_on"] != [len(pixels), len(tokens)]) == stops
@@ -185,16 +187,8 @@ def test_a_path_is_held_to_the_fastest_path_before_it_not_only_to_fp32(small, mo
     it is within half of int8's rate and is timed on the whole batch."""
     loaded, pixels, tokens = small
     tokens = tokens[:48]
-    current = []
-    real_prepare, real_timed = model_mod.prepare, bench._timed
     per_item = {"fp32": 1.0, "int8-fbgemm": 0.4, "bf16": bf16_slice_per_item}
-
-    def prepare(model, name, *args, **kwargs):
-        current.append(name)
-        return real_prepare(model, name, *args, **kwargs)
-    monkeypatch.setattr(model_mod, "prepare", prepare)
-    monkeypatch.setattr(bench, "_timed",
-                        lambda fn, n, device: (n * per_item[current[-1]], real_timed(fn, n, device)[1]))
+    drive_clock(monkeypatch, lambda path, n: n * per_item[path])
     measured, _ = bench.measure_paths(loaded.model, ["int8-fbgemm", "bf16"], "cpu", pixels, tokens, 64)
     assert measured["int8-fbgemm"]["timed_on"] == [len(pixels), len(tokens)]
     assert (measured["bf16"]["timed_on"] == [2, 3]) == stops
@@ -211,20 +205,9 @@ def test_a_path_whose_images_alone_lose_the_job_stops_its_text_at_the_slice(smal
     stops at the slice. At 0.6 s an image (about 670 s against 440) it might, and its text runs the whole batch, as
     it does wherever no job is given (`cli.py bench`)."""
     loaded, pixels, tokens = small
-    tokens = tokens[:48]
-    current = []
-    real_prepare, real_timed = model_mod.prepare, bench._timed
+    tokens = tokens[:48]  # slices of 2 images and 3 captions: a size of 3 or 48 is text
     per_item = {"fp32": (1.0, 1.0), "int8-fbgemm": (0.4, 0.4), "bf16": (bf16_image_per_item, 0.7)}
-
-    def prepare(model, name, *args, **kwargs):
-        current.append(name)
-        return real_prepare(model, name, *args, **kwargs)
-    monkeypatch.setattr(model_mod, "prepare", prepare)
-
-    def timed(fn, n, device):
-        text = n in (3, len(tokens))
-        return n * per_item[current[-1]][text], real_timed(fn, n, device)[1]
-    monkeypatch.setattr(bench, "_timed", timed)
+    drive_clock(monkeypatch, lambda path, n: n * per_item[path][n in (3, len(tokens))])
     measured, _ = bench.measure_paths(loaded.model, ["int8-fbgemm", "bf16"], "cpu", pixels, tokens, 64, job=job)
     assert measured["int8-fbgemm"]["timed_on"] == [len(pixels), len(tokens)]
     assert measured["bf16"]["timed_on"][1] == (3 if text_stops else len(tokens))
