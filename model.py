@@ -444,7 +444,7 @@ class InPlaceActivation(torch.nn.Module):
 def in_place_activations(model: torch.nn.Module) -> torch.nn.Module:
     """Every transformer MLP's activation (open_clip's Sequential c_fc, gelu, ...) as InPlaceActivation, in place."""
     for module in list(model.modules()):
-        if isinstance(module, torch.nn.Sequential) and list(module._modules)[:2] == ["c_fc", "gelu"] \
+        if isinstance(module, torch.nn.Sequential) and list(dict(module.named_children()))[:2] == ["c_fc", "gelu"] \
                 and InPlaceActivation.fits(module.gelu):
             module.gelu = InPlaceActivation(module.gelu)
     return model
@@ -526,7 +526,8 @@ def quantize_int8_fbgemm(model: torch.nn.Module) -> torch.nn.Module:
               and (name.startswith("visual.") or any(part in name for part in text_layers))]
     for name in layers:  # in place: the caller's model is this path's own (linear_attention has rewritten it)
         parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, Int8Linear(getattr(model.get_submodule(parent), leaf), full))
+        owner = model.get_submodule(parent)
+        setattr(owner, leaf, Int8Linear(getattr(owner, leaf), full))
     model.int8_kernels = ("fbgemm (torch.ao's dynamic int8 kernels): image trunk all linear layers, text trunk "
                           + ("MLPs and attention input projections, 8-bit activations" if full
                              else "MLPs, 7-bit activations"))
