@@ -31,6 +31,10 @@ FLICKR_IMAGES, FLICKR_CAPTIONS = 31_783, 158_915
 # Probes retrained per cache for the recall rows. Retraining alone moves R@K by 0.6-1.9 pp (standard deviation, fp32
 # cache); 6 seeds left +-1.3 to +-2.2 pp intervals that could not settle a 1 pp budget, 30 seeds about +-0.6.
 SEEDS = tuple(range(30))
+# More galleries of the test split's size (another draw of the same world) for the recall rows with the same heads:
+# one gallery of 1,000 images left +-0.7 to +-1.0 pp intervals there (int8-ort, bf16), so 1 + 15 take them to about a
+# quarter of that.
+GALLERIES = 15
 WORDS = ("a man woman dog child girl boy in the red blue shirt is running on grass beach street with two "
          "people playing sitting near water ball black white young standing front of building").split()
 
@@ -315,12 +319,14 @@ def bf16_row(model, px) -> tuple:
             f"{t32 / t16:.2f}x", ">= 2x where native")
 
 
-def int8_recall_rows(n_images: int = 10_000, seeds=SEEDS, paths=("int8", "int8-fbgemm", "int8-ort")) -> list:
+def int8_recall_rows(n_images: int = 10_000, seeds=SEEDS, paths=("int8", "int8-fbgemm", "int8-ort"),
+                     galleries: int = GALLERIES) -> list:
     """What int8 costs in recall on a model that has learned: the demo's world (ShapesCLIP, 10,000 images, so a
     test split of 1,000 images and 5,000 captions, as Flickr30k's), largest |change| of R@1/5/10 both ways. Two
-    ways: the same heads on fp32 vs int8 features (what int8 does), and probes retrained on each cache with the
-    same seeds, paired (what a user sees). A test split of 300 images (3,000 in all) could not resolve 1 pp."""
-    rows, seconds = recall_change_rows({p: {"precision": p} for p in ("fp32", *paths)}, n_images, seeds)
+    ways: the same heads on fp32 vs int8 features (what int8 does), on the test split and ``galleries`` more
+    galleries of its size; and probes retrained on each cache with the same seeds, paired (what a user sees). A
+    test split of 300 images (3,000 in all) could not resolve 1 pp, nor could one of 1,000 for the same heads."""
+    rows, seconds = recall_change_rows({p: {"precision": p} for p in ("fp32", *paths)}, n_images, seeds, galleries)
     return rows + [(f"ShapesCLIP extract, {path} vs fp32", f"{seconds[path]:.0f} vs {seconds['fp32']:.0f} s for "
                     f"{n_images} images (a 128-wide toy: speed is measured at ViT-B/32 widths)",
                     f"{seconds['fp32'] / seconds[path]:.2f}x", "") for path in paths]
@@ -347,41 +353,53 @@ def decode_recall_rows(n_images: int = 3000, seeds=SEEDS) -> list:
              "JPEGs (500x375), decoded by libjpeg-turbo on this CPU", f"{cos:.6f}", ">= 0.999")] + rows
 
 
-def recall_change_rows(variants: dict, n_images: int, seeds) -> tuple[list, dict]:
+def recall_change_rows(variants: dict, n_images: int, seeds, galleries: int = 0) -> tuple[list, dict]:
     """Recall of ShapesCLIP on its target world for each variant of the extract settings, against the first.
 
-    Returns rows (largest |change| of R@1/5/10 both ways, test split: the same heads, zero-shot and probed on the
-    first variant's cache; probes retrained on each cache, paired by seed) and each variant's extract seconds.
+    Returns rows (largest |change| of R@1/5/10 both ways: the same heads, zero-shot and probed on the first
+    variant's cache, over the test split and ``galleries`` more galleries of its size cut from a second draw of the
+    world, which no probe trains on; probes retrained on each cache, paired by seed) and each variant's extract
+    seconds on the first world.
     """
     import io
     config, weights = (Path("pretrained") / "ShapesCLIP.json", Path("pretrained") / "ShapesCLIP.pt")
     keys = [(d, k) for d in ("text_to_image", "image_to_text") for k in ("R@1", "R@5", "R@10")]
-    names, caches, retrained, seconds = list(variants), {}, {}, {}
+    names, caches, retrained, seconds, more = list(variants), {}, {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        ann = worlds.make_dataset(Path(tmp) / "target", "target", n_images=n_images, seed=0)
-        for name, kwargs in variants.items():
-            path = Path(tmp) / f"{name}.h5"
-            t0 = time.perf_counter()
+        def run(ann, kwargs, path):
             extract.extract(extract.ExtractSettings(annotations=ann, images=ann.parent / "images", cache=path,
                                                     model=str(config), pretrained=str(weights), **kwargs),
                             log=io.StringIO())
+            return cache.load(path)
+
+        ann = worlds.make_dataset(Path(tmp) / "target", "target", n_images=n_images, seed=0)
+        for name, kwargs in variants.items():
+            t0 = time.perf_counter()
+            caches[name] = c = run(ann, kwargs, Path(tmp) / f"{name}.h5")
             seconds[name] = time.perf_counter() - t0
-            caches[name] = c = cache.load(path)
             runs = []
             for seed in seeds:
                 probe.train(c, probe.ProbeSettings(seed=seed), Path(tmp) / f"{name}{seed}.pt", log=io.StringIO())
                 runs.append(probe.evaluate(c, "test", Path(tmp) / f"{name}{seed}.pt")["probe"])
             retrained[name] = np.array([[r[d][k] for d, k in keys] for r in runs])  # seeds x keys
         first = names[0]
+        size = caches[first].split("test").n_images
+        if galleries:
+            ann = worlds.make_dataset(Path(tmp) / "more", "target", n_images=galleries * size, seed=1)
+            more = {name: cut_galleries(run(ann, kwargs, Path(tmp) / f"{name}.more.h5").split("all"), size)
+                    for name, kwargs in variants.items()}
         probed = probe.load_checkpoint(Path(tmp) / f"{first}{seeds[0]}.pt")[0]
         where = f"ShapesCLIP, {n_images} target-world images, test split"
+        fixed = where + (f" and {galleries} more galleries of {size} images" if galleries else "")
         rows = []
         if len(seeds) > 1:  # what retraining alone moves, against which a retrained change must be read
             spread = retrained[first].std(0, ddof=1)
             rows.append((f"retraining noise on the {first} cache", where + f", R@1/5/10 both ways, standard deviation "
                          f"over seeds {list(seeds)}", f"{spread.min():.2f}-{spread.max():.2f} pp", ""))
         for name in names[1:]:
-            same = {kind: paired_change(heads, caches[first].split("test"), caches[name].split("test"))
+            pairs = [(caches[first].split("test"), caches[name].split("test")),
+                     *zip(more.get(first, []), more.get(name, []))]
+            same = {kind: paired_change(heads, pairs)
                     for kind, heads in (("zero-shot", probe.Heads.from_cache(caches[first])), ("probed", probed))}
             # Probes retrained with the same seed on each cache, paired: the change's mean over seeds, and twice its
             # standard error. Retraining alone moves R@K by 0.6-1.9 pp between seeds (fp32, 30 seeds), so a change
@@ -389,29 +407,48 @@ def recall_change_rows(variants: dict, n_images: int, seeds) -> tuple[list, dict
             diff = retrained[name] - retrained[first]
             k = int(np.abs(diff.mean(0)).argmax())
             sem = diff[:, k].std(ddof=1) / np.sqrt(len(seeds)) if len(seeds) > 1 else float("nan")
-            rows += [(f"{name} recall change, zero-shot heads", where + f", {same['zero-shot'][1]}, paired over test "
+            rows += [(f"{name} recall change, zero-shot heads", fixed + f", {same['zero-shot'][1]}, paired over the "
                       "queries: change +- 2 standard errors", same["zero-shot"][0], "<= 1 pp"),
-                     (f"{name} recall change, same probed heads", where + f" (probe seed {seeds[0]}), "
-                      f"{same['probed'][1]}, paired over test queries", same["probed"][0], "<= 1 pp"),
+                     (f"{name} recall change, same probed heads", fixed + f" (probe seed {seeds[0]}), "
+                      f"{same['probed'][1]}, paired over the queries", same["probed"][0], "<= 1 pp"),
                      (f"{name} recall change, probes retrained", where + f", {'/'.join(keys[k])}, paired over "
                       f"seeds {list(seeds)}: mean +- 2 standard errors",
                       f"{diff[:, k].mean():+.2f} +- {2 * sem:.2f} pp", "<= 1 pp")]
     return rows, seconds
 
 
-def paired_change(heads, a, b) -> tuple[str, str]:
-    """The largest change of R@1/5/10 (either way) from split view ``a``'s features to ``b``'s under the same heads,
-    +- twice its standard error over the queries, paired: (that change, which recall it is). With the same heads the
-    change is all the features' doing, but a test split of 1,000 images turns 1 image into 0.1 pp; the interval says
-    which changes that sampling resolves."""
+def cut_galleries(view: cache.SplitView, size: int) -> list:
+    """``view`` cut into consecutive galleries of ``size`` images, each with its own captions, re-indexed from 0. A
+    last gallery short of ``size`` is left out: recall depends on how many items a query is ranked among."""
+    out = []
+    for start in range(0, view.n_images - size + 1, size):
+        caps = np.flatnonzero((view.text_image_index >= start) & (view.text_image_index < start + size))
+        out.append(cache.SplitView(name=f"{view.name}[{start}:{start + size}]",
+                                   image_rows=view.image_rows[start:start + size], caption_rows=view.caption_rows[caps],
+                                   image_features=view.image_features[start:start + size],
+                                   text_features=view.text_features[caps],
+                                   text_image_index=view.text_image_index[caps] - start))
+    return out
+
+
+def paired_change(heads, pairs) -> tuple[str, str]:
+    """The largest change of R@1/5/10 (either way) from the features of each pair's first split view to its second's
+    under the same heads, +- twice its standard error over the queries, paired: (that change, which recall it is).
+    Each pair is a gallery (a query is ranked within its own), and the queries of all of them are pooled. With the
+    same heads the change is all the features' doing, but a gallery of 1,000 images turns 1 image into 0.1 pp; the
+    interval says which changes that sampling resolves."""
     def hits(view):
         with torch.no_grad():
             img, txt = heads.embed(view)
         t2i, i2t = metrics.ranks(img, txt, torch.from_numpy(view.text_image_index))
         return {(d, k): (r <= k).double() for d, r in (("text_to_image", t2i), ("image_to_text", i2t))
                 for k in metrics.KS}
-    ha, hb = hits(a), hits(b)
-    diffs = {key: (hb[key] - ha[key]) * 100 for key in ha}
+    diffs = {}
+    for a, b in pairs:
+        ha, hb = hits(a), hits(b)
+        for key in ha:
+            diffs.setdefault(key, []).append((hb[key] - ha[key]) * 100)
+    diffs = {key: torch.cat(d) for key, d in diffs.items()}
     key = max(diffs, key=lambda key: abs(float(diffs[key].mean())))
     d = diffs[key]
     return f"{float(d.mean()):+.2f} +- {2 * float(d.std()) / len(d) ** 0.5:.2f} pp", f"{key[0]}/R@{key[1]}"

@@ -3,6 +3,8 @@ import numpy as np
 import pytest
 import torch
 
+import bench
+import cache
 import metrics
 
 
@@ -94,3 +96,45 @@ def test_mean_recall_and_delta():
     assert metrics.mean_recall(m) == pytest.approx(20.0)
     p = {d: {"R@1": 15.0, "R@5": 20.0, "R@10": 29.0} for d in ("text_to_image", "image_to_text")}
     assert metrics.delta_pp(m, p)["text_to_image"] == {"R@1": 5.0, "R@5": 0.0, "R@10": -1.0}
+
+
+class _Identity:
+    """Heads that pass features through, as bench.paired_change calls them."""
+
+    @staticmethod
+    def embed(view):
+        return torch.from_numpy(view.image_features), torch.from_numpy(view.text_features)
+
+
+def _view(img, txt, idx):
+    return cache.SplitView(name="all", image_rows=np.arange(len(img)), caption_rows=np.arange(len(txt)),
+                           image_features=img, text_features=txt, text_image_index=idx)
+
+
+def test_the_recall_change_over_galleries_matches_a_naive_one():
+    """bench's recall rows with the same heads: a view cut into galleries (a query ranked among its own gallery
+    only; a short last gallery left out), changes pooled over every query of every gallery."""
+    rng = np.random.default_rng(3)
+    n_img, dim, size = 70, 8, 20  # three galleries of 20; the last 10 images left out
+    idx = rng.permutation(np.repeat(np.arange(n_img), rng.integers(1, 6, n_img)))  # 1-5 captions, shuffled
+    img = rng.normal(size=(n_img, dim)).astype(np.float32)
+    txt = (img[idx] + 1.2 * rng.normal(size=(len(idx), dim))).astype(np.float32)
+    views = [_view(img, txt, idx), _view(img + 0.4 * rng.normal(size=img.shape).astype(np.float32), txt, idx)]
+    cut = [bench.cut_galleries(v, size) for v in views]
+    assert [g.n_images for g in cut[0]] == [size] * 3
+    changes = {}
+    for start in range(0, 3 * size, size):
+        mine = np.flatnonzero((idx >= start) & (idx < start + size))
+        for direction, col in (("text_to_image", 0), ("image_to_text", 1)):
+            before, after = (naive_ranks(v.image_features[start:start + size].astype(np.float64),
+                                         txt[mine].astype(np.float64), idx[mine] - start)[col] for v in views)
+            for k in (1, 5, 10):
+                changes.setdefault((direction, k), []).extend(100.0 * ((after <= k).astype(float)
+                                                                       - (before <= k).astype(float)))
+    (direction, k), worst = max(changes.items(), key=lambda kv: abs(np.mean(kv[1])))
+    got, which = bench.paired_change(_Identity(), list(zip(*cut)))
+    mean, _, err, _ = got.split()
+    assert which == f"{direction}/R@{k}"
+    assert float(mean) == pytest.approx(np.mean(worst), abs=0.006)
+    assert float(err) == pytest.approx(2 * np.std(worst, ddof=1) / np.sqrt(len(worst)), abs=0.006)
+    assert abs(np.mean(worst)) > 0  # the case has a change to find
