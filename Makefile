@@ -23,8 +23,9 @@ bench: setup
 	$(PY) bench.py
 
 # --precision auto end to end against fp32 (first time, and after `cli.py bench --compiled`), and the recall change
-# of int8-fbgemm, int8-ort and bf16 on ShapesCLIP, 10,000 images, 30 probe seeds a cache (about 50 minutes on 2 AVX2
-# cores before bf16 joined; bf16's rows took 9.5 minutes on an AMX Xeon).
+# of int8-fbgemm, int8-ort and bf16 on ShapesCLIP, 10,000 images and 15 more galleries of 1,000, 30 probe seeds a
+# cache (about 50 minutes on 2 AVX2 cores before bf16 and the galleries joined; their recall rows took 24 minutes on
+# an AMX Xeon).
 bench-precision: setup
 	$(PY) bench.py --precision
 
