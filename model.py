@@ -18,6 +18,7 @@ import os
 import socket
 import tempfile
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -524,10 +525,14 @@ def quantize_int8_fbgemm(model: torch.nn.Module) -> torch.nn.Module:
     layers = [name for name, module in model.named_modules()
               if isinstance(module, torch.nn.Linear) and not name.startswith(at_one_position)
               and (name.startswith("visual.") or any(part in name for part in text_layers))]
-    for name in layers:  # in place: the caller's model is this path's own (linear_attention has rewritten it)
-        parent, _, leaf = name.rpartition(".")
-        owner = model.get_submodule(parent)
-        setattr(owner, leaf, Int8Linear(getattr(owner, leaf), full))
+    # In place: the caller's model is this path's own (linear_attention has rewritten it). One layer per thread:
+    # quantize_per_channel and linear_prepack run on one core each, and ViT-B/32's 79 layers took 0.79 s one after
+    # another and 0.50 s on two threads (an Intel Xeon with AVX-512 VNNI, 2 cores), packed the same to the bit.
+    owners = [(model.get_submodule(parent), leaf) for parent, _, leaf in (name.rpartition(".") for name in layers)]
+    with ThreadPoolExecutor(torch.get_num_threads()) as pool:
+        quantized = list(pool.map(lambda owned: Int8Linear(getattr(*owned), full), owners))
+    for (owner, leaf), layer in zip(owners, quantized):
+        setattr(owner, leaf, layer)
     model.int8_kernels = ("fbgemm (torch.ao's dynamic int8 kernels): image trunk all linear layers, text trunk "
                           + ("MLPs and attention input projections, 8-bit activations" if full
                              else "MLPs, 7-bit activations"))

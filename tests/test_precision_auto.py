@@ -338,6 +338,27 @@ def test_int8_fbgemm_is_faithful_on_the_real_architecture(extracted, reference_m
     assert all(module.reduce_range != full for name, module in q.named_modules() if name in dynamic)
 
 
+def test_int8_fbgemm_packs_every_layer_as_one_layer_alone_would(reference_model):
+    """quantize_int8_fbgemm quantizes its layers on several threads: each comes out packed to the bit as Int8Linear
+    packs that layer on its own."""
+    import copy
+    m = copy.deepcopy(reference_model.model)
+    model_mod.take_heads(m)
+    q = model_mod.prepare(copy.deepcopy(m), "int8-fbgemm", "cpu")
+    model_mod.linear_attention(m.visual)
+    model_mod.linear_attention(m.transformer, where_it_fits=True)
+
+    def unpacked(layer):
+        weight, bias = torch.ops.quantized.linear_unpack(layer.packed)
+        return weight.int_repr(), weight.q_per_channel_scales(), bias
+
+    layers = [(name, module) for name, module in q.named_modules() if isinstance(module, model_mod.Int8Linear)]
+    assert len(layers) > 40
+    for name, layer in layers:
+        alone = model_mod.Int8Linear(m.get_submodule(name), not layer.reduce_range)
+        assert all(torch.equal(a, b) for a, b in zip(unpacked(layer), unpacked(alone))), name
+
+
 @pytest.mark.parametrize("full_range", [False, True])
 def test_int8_linear_is_what_torch_ao_quantize_dynamic_builds_to_the_bit(full_range):
     """Int8Linear packs its weights once, where torch.ao's nnqd.Linear packs a placeholder first: the same quantized
