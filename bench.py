@@ -332,14 +332,16 @@ def int8_recall_rows(n_images: int = 10_000, seeds=SEEDS, paths=("int8", "int8-f
                     f"{seconds['fp32'] / seconds[path]:.2f}x", "") for path in paths]
 
 
-def decode_recall_rows(n_images: int = 3000, seeds=SEEDS) -> list:
+def decode_recall_rows(n_images: int = 10_000, seeds=SEEDS, galleries: int = GALLERIES) -> list:
     """What decoding JPEGs on the device (jpeg.py) costs, against PIL: min cosine on random-init ViT-B/32 over
-    Flickr-like JPEGs, and the recall change on ShapesCLIP (its target world: JPEGs of 96-200 px, resized to 64).
-    On a CPU this runs the same code with libjpeg-turbo decoding, so it measures the resize and rounding; nvJPEG's
-    own decoding differs a little more, and only tools/gpu_check.py measures that."""
+    Flickr-like JPEGs, and the recall change on ShapesCLIP (its target world: JPEGs of 96-200 px, resized to 64),
+    measured as int8_recall_rows measures int8's. On a CPU this runs the same code with libjpeg-turbo decoding, so
+    it measures the resize and rounding; nvJPEG's own decoding differs a little more, and only tools/gpu_check.py
+    measures that."""
     sys.path.insert(0, str(Path(__file__).resolve().parent / "tools"))
     import flickr_like
-    rows, _ = recall_change_rows({"cpu": {"decode": "cpu"}, "device": {"decode": "device"}}, n_images, seeds)
+    rows, _ = recall_change_rows({"cpu": {"decode": "cpu"}, "device": {"decode": "device"}}, n_images, seeds,
+                                 galleries)
     with tempfile.TemporaryDirectory() as tmp:
         ann = flickr_like.make(Path(tmp), 64)
         feats = {}
