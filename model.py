@@ -526,9 +526,9 @@ def quantize_int8_fbgemm(model: torch.nn.Module) -> torch.nn.Module:
               if isinstance(module, torch.nn.Linear) and not name.startswith(at_one_position)
               and (name.startswith("visual.") or any(part in name for part in text_layers))]
     # In place: the caller's model is this path's own (linear_attention has rewritten it). One layer per thread:
-    # quantize_per_channel and linear_prepack run on one core each, and preparing ViT-B/32 (79 layers) took 0.95 s
-    # with them one after another, 0.54-0.63 s on two threads (an Intel Xeon with AVX-512 VNNI and AMX, 2 cores),
-    # every layer packed the same to the bit.
+    # quantize_per_channel and linear_prepack run on one core each, and preparing ViT-B/32 (79 layers) took 0.90 s
+    # with them one after another, 0.53-0.56 s on two threads (tools/calibration_steps.py's "prepare", an Intel Xeon
+    # with AVX-512 VNNI and AMX refused, 2 cores), every layer packed the same to the bit.
     owners = [(model.get_submodule(parent), leaf) for parent, _, leaf in (name.rpartition(".") for name in layers)]
     with ThreadPoolExecutor(torch.get_num_threads()) as pool:
         quantized = list(pool.map(lambda owned: Int8Linear(getattr(*owned), full), owners))
