@@ -385,7 +385,8 @@ def recall_change_rows(variants: dict, n_images: int, seeds, galleries: int = 0)
                 runs.append(probe.evaluate(c, "test", Path(tmp) / f"{name}{seed}.pt")["probe"])
             retrained[name] = np.array([[r[d][k] for d, k in keys] for r in runs])  # seeds x keys
         first = names[0]
-        size = caches[first].split("test").n_images
+        test = {name: c.split("test") for name, c in caches.items()}
+        size = test[first].n_images
         if galleries:
             ann = worlds.make_dataset(Path(tmp) / "more", "target", n_images=galleries * size, seed=1)
             more = {name: cut_galleries(run(ann, kwargs, Path(tmp) / f"{name}.more.h5").split("all"), size)
@@ -399,8 +400,7 @@ def recall_change_rows(variants: dict, n_images: int, seeds, galleries: int = 0)
             rows.append((f"retraining noise on the {first} cache", where + f", R@1/5/10 both ways, standard deviation "
                          f"over seeds {list(seeds)}", f"{spread.min():.2f}-{spread.max():.2f} pp", ""))
         for name in names[1:]:
-            pairs = [(caches[first].split("test"), caches[name].split("test")),
-                     *zip(more.get(first, []), more.get(name, []))]
+            pairs = [(test[first], test[name]), *zip(more.get(first, []), more.get(name, []))]
             same = {kind: paired_change(heads, pairs)
                     for kind, heads in (("zero-shot", probe.Heads.from_cache(caches[first])), ("probed", probed))}
             # Probes retrained with the same seed on each cache, paired: the change's mean over seeds, and twice its
