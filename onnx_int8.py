@@ -10,11 +10,16 @@ kept under ``$XDG_CACHE_HOME/finetune-clip-flickr30k/onnx-int8/``, keyed by the 
 torch and ONNX Runtime versions, with a checksum of every file; later runs load it in about a second.
 Files whose checksum fails are rebuilt, never used.
 
-Weights are unsigned 8-bit over their full range, in both trunks. `make bench`'s "int8-ort weights" rows
-compare the others (weight_variants); on an AVX2-only EPYC (no VNNI), random-init ViT-B/32, min cosine to fp32:
-- signed 7-bit weights (``reduce_range``, what CPUs without VNNI need so that signed weights do not
-  overflow their 16-bit pair sums) take faster kernels but lost more: text 0.99728 against 0.99906;
-- signed 8-bit weights overflowed there: image 0.99378 against 0.99992.
+Weights are 8-bit over their full range, in both trunks: signed where ONNX Runtime's unsigned x signed products
+are exact on this CPU (signed_weights_exact: measured, as on a CPU with VNNI, which sums the pairs into 32 bits),
+unsigned elsewhere. `make bench`'s "int8-ort weights" rows compare the three types (weight_variants). Random-init
+ViT-B/32, speed and min cosine to fp32:
+- without VNNI (an AVX2-only EPYC), signed 8-bit weights overflowed their 16-bit pair sums: image 0.99378 against
+  0.99992 unsigned; signed 7-bit (``reduce_range``) took faster kernels but lost more: text 0.99728 against 0.99906;
+- with VNNI the signed kernels are exact and the faster ones: signed 8-bit 1.76x / 1.50x fp32 (image / text) at
+  0.99993 / 0.99903 against unsigned 1.13x / 1.07x at 0.99993 / 0.99905 (an Intel Xeon held to AVX2 and AVX-VNNI
+  by tools/avx2_only.py --avx-vnni, as Intel's Core processors from the 12th generation on are; one run), and
+  1.63x / 1.69x against 1.21x / 0.86x with AVX-512 VNNI (the same Xeon with its AMX refused, one run).
 The norms, the attention scores, the patch and token embeddings stay fp32.
 
 The trunks are exported with their attention written out (``ExportBlocks``): the same arithmetic as open_clip's
@@ -33,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -144,10 +150,38 @@ def root() -> Path:
     return Path(base) / "finetune-clip-flickr30k" / "onnx-int8"
 
 
-def key(model: torch.nn.Module) -> str:
-    """The trunks' weights (names, shapes, values) and the versions that export and quantize them."""
+@functools.cache
+def signed_weights_exact() -> bool:
+    """Whether ONNX Runtime's products of unsigned 8-bit activations and signed 8-bit weights are exact here at full
+    range. Without VNNI its kernels multiply them in pairs summed into 16 bits with saturation (vpmaddubsw), which
+    255 x 127 x 2 overflows; with VNNI (AVX-512 VNNI, AVX-VNNI, AMX) the pairs sum into 32 bits. Measured, not read
+    from the CPU's flags: one MatMulInteger in which every pair would saturate, against its exact value."""
+    import numpy as np
     import onnxruntime as ort
-    h = hashlib.sha256(f"layout {LAYOUT}; torch {torch.__version__}; onnxruntime {ort.__version__}".encode())
+    from onnx import TensorProto, helper
+    k = 256
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [4, k]),
+                               helper.make_tensor_value_info("b", TensorProto.INT8, [k, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [4, 16])])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    y = session.run(None, {"a": np.full((4, k), 255, np.uint8), "b": np.full((k, 16), 127, np.int8)})[0]
+    return bool((y == 255 * 127 * k).all())
+
+
+def weight_type() -> str:
+    return "signed 8-bit" if signed_weights_exact() else "unsigned 8-bit"
+
+
+def key(model: torch.nn.Module) -> str:
+    """The trunks' weights (names, shapes, values), the weight type, and the versions that export and quantize
+    them."""
+    import onnxruntime as ort
+    signed = "; signed 8-bit weights" if signed_weights_exact() else ""  # unsigned keys are those of before
+    h = hashlib.sha256(f"layout {LAYOUT}{signed}; torch {torch.__version__}; onnxruntime {ort.__version__}".encode())
     for part in (model.visual, model.transformer):
         for name, t in sorted(part.state_dict().items()):
             h.update(f"{name} {tuple(t.shape)} {t.dtype}".encode())
@@ -188,11 +222,12 @@ def _export(model: torch.nn.Module, folder: Path, written_out: bool = True) -> N
                                   output_names=["features"], dynamo=True, verbose=False)
 
 
-def _quantize(folder: Path, out: Path | None = None, signed: bool = False, reduce_range: bool = False,
+def _quantize(folder: Path, out: Path | None = None, signed: bool | None = None, reduce_range: bool = False,
               written_out: bool = True) -> None:
-    """The fp32 exports in ``folder``, quantized into ``out`` (default: beside them). The shipped weights are
-    unsigned at full range; the others are for `make bench`'s comparison."""
+    """The fp32 exports in ``folder``, quantized into ``out`` (default: beside them). The shipped weights (``signed``
+    None) are 8-bit at full range, signed where signed_weights_exact; the others are for `make bench`'s comparison."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    signed = signed_weights_exact() if signed is None else signed
     for name in FILES:
         source = folder / name.replace(".onnx", ".fp32.onnx")
         with _quiet():
@@ -217,9 +252,10 @@ def weight_variants(model: torch.nn.Module, folder: Path) -> dict:
     """{label: int8-ort copy of ``model``} for each weight type `make bench` compares, exported once into ``folder``."""
     _export(model, folder)
     out = {}
-    for label, signed, reduce_range in (("unsigned 8-bit (shipped)", False, False),
+    shipped = signed_weights_exact()
+    for label, signed, reduce_range in ((f"unsigned 8-bit{'' if shipped else ' (shipped here)'}", False, False),
                                         ("signed 7-bit (reduce_range)", True, True),
-                                        ("signed 8-bit", True, False)):
+                                        (f"signed 8-bit{' (shipped here)' if shipped else ''}", True, False)):
         sub = folder / label.split(" (")[0].replace(" ", "-")
         sub.mkdir()
         _quantize(folder, sub, signed, reduce_range)
@@ -249,7 +285,8 @@ def build(model: torch.nn.Module, folder: Path) -> None:
     try:
         _export(model, tmp)
         _quantize(tmp)
-        manifest = {"layout": LAYOUT, "sha256": {name: file_sha256(tmp / name) for name in FILES}}
+        manifest = {"layout": LAYOUT, "weights": weight_type(),
+                    "sha256": {name: file_sha256(tmp / name) for name in FILES}}
         for p in tmp.glob("*.fp32.onnx*"):
             p.unlink()
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -287,7 +324,8 @@ def quantize_int8_ort(model: torch.nn.Module) -> torch.nn.Module:
     model.transformer = OnnxTrunk(folder / "transformer.onnx", threads)
     done = (f"built in {build_s:.0f} s" if why == "not built yet" else
             f"rebuilt in {build_s:.0f} s, the kept files were damaged: {why}" if why else "reused")
-    model.int8_kernels = f"ONNX Runtime {ort.__version__} dynamic int8, every linear layer ({done}: {folder})"
+    model.int8_kernels = (f"ONNX Runtime {ort.__version__} dynamic int8, every linear layer, {weight_type()} weights "
+                          f"({done}: {folder})")
     model.int8_build_s = build_s if why else 0.0
     return model
 

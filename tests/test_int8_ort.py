@@ -181,3 +181,30 @@ def test_an_export_that_fails_is_one_line_and_leaves_nothing_behind(small, monke
         model_mod.prepare(copy.deepcopy(loaded.model), "int8-ort", "cpu")
     assert "\n" not in str(err.value)
     assert [p.name for p in onnx_int8.root().iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_the_weights_are_signed_exactly_where_the_probe_found_signed_products_exact(small, monkeypatch, tmp_path):
+    """Signed 8-bit weights where ONNX Runtime's u8 x s8 products are exact (VNNI), unsigned elsewhere: the graphs,
+    the manifest and the kernels line say which, and the other type is kept under another key, never mistaken for
+    this one. (tests/test_avx2_only.py holds the probe itself: exact here with VNNI, saturating without.)"""
+    import json
+
+    import onnx
+    loaded, q = small
+    signed = onnx_int8.signed_weights_exact()
+    for want_signed in (signed, not signed):
+        monkeypatch.setattr(onnx_int8, "signed_weights_exact", lambda: want_signed)
+        folder = onnx_int8.root() / onnx_int8.key(loaded.model)
+        if want_signed != signed:
+            monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+            assert not folder.exists()  # another key for the other type
+            other = model_mod.prepare(copy.deepcopy(loaded.model), "int8-ort", "cpu")
+            folder = onnx_int8.root() / onnx_int8.key(loaded.model)
+            assert other.int8_build_s > 0
+        word = "signed 8-bit" if want_signed else "unsigned 8-bit"
+        assert json.loads((folder / "manifest.json").read_text())["weights"] == word
+        for name in onnx_int8.FILES:
+            graph = onnx.load(str(folder / name)).graph
+            types = {i.data_type for i in graph.initializer if i.name.endswith("_quantized")}
+            assert types == {onnx.TensorProto.INT8 if want_signed else onnx.TensorProto.UINT8}, name
+    assert f"{'signed' if signed else 'unsigned'} 8-bit weights" in q.int8_kernels

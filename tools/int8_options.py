@@ -10,7 +10,7 @@ speed (Flickr-like captions, 64 random images; fp32 timed again beside each row)
   (NNCF ``quantize``, transformer preset, calibrated on the very images and captions it is measured on,
   which flatters it);
 - int8-ort as shipped, and with signed 7-bit weights (``reduce_range``, the fast kernels without VNNI) on one
-  kind of the text trunk's linear layers at a time, the rest unsigned 8-bit as shipped;
+  kind of the text trunk's linear layers at a time, the rest unsigned 8-bit (as shipped without VNNI);
 - ONNX Runtime's MatMulNBits: 8-bit weights in blocks of 32, activations quantized per block (accuracy level 4).
 
 OpenVINO and NNCF are not dependencies of the project; install them beside it, for instance
@@ -141,7 +141,7 @@ def main() -> None:
                                                                                for m in static)))
         text = exported[1]
         onnx_int8._quantize(folder)
-        row("int8-ort as shipped (unsigned 8-bit everywhere)",
+        row(f"int8-ort as shipped ({onnx_int8.weight_type()} everywhere)",
             with_trunks(*(onnx_int8.OnnxTrunk(folder / f, threads) for f in onnx_int8.FILES)))
         roles = linear_roles(text)
         counts = {role: len(nodes) for role, nodes in roles.items()}
