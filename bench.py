@@ -775,6 +775,13 @@ def window_factor(tokens: torch.Tensor, batch: int, window: int = 2048) -> float
     return float((padded(lengths) / len(lengths)) / (padded(full) / window))
 
 
+def first_reason(exc: Exception) -> str:
+    """The line of an exception's message that says why: a compiler's failure opens with "backend='inductor'
+    raised:" and names its reason on the next line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return next((line for line in lines if not line.endswith(":")), lines[0] if lines else type(exc).__name__)
+
+
 def measure_paths(model, names, device: str, pixels, tokens, text_batch: int, fp32=None, job=None) -> tuple[dict, dict]:
     """(measurements, prepared models) for fp32 and then ``names``, each against fp32's features; ``fp32``: (fp32
     already prepared, its setup seconds); ``job``, (images, captions) of the job being calibrated for (see
@@ -795,7 +802,7 @@ def measure_paths(model, names, device: str, pixels, tokens, text_batch: int, fp
                                                              fastest, job=job, best=best)
         except Exception as exc:  # noqa: BLE001
             measured[name] = {"image_rate": 1e-9, "caption_rate": 1e-9, "setup_s": 0.0, "cos_image": 0.0,
-                              "cos_text": 0.0, "struck": f"failed: {str(exc).splitlines()[0][:80]}"}
+                              "cos_text": 0.0, "struck": f"failed: {first_reason(exc)[:80]}"}
     time_again_where_close(measured, prepared, device, pixels, tokens, text_batch)
     return measured, prepared
 
@@ -927,6 +934,7 @@ def machine_check(model, tokenizer, device: str, model_id: str, job: tuple[int, 
     out = out or sys.stdout
     name, _ = cpu_name_and_flags()
     print(f"machine: {name}; flags: {isa_flags()}; {torch.get_num_threads()} threads; torch {torch.__version__}"
+          f" (its CPU kernels: {torch.backends.cpu.get_cpu_capability()})"
           + (f"; GPU {torch.cuda.get_device_name()}" if device == "cuda" else ""), file=out)
     if device == "cpu":
         rates = gemm_rates()

@@ -122,6 +122,23 @@ def test_a_path_with_non_finite_features_is_struck_with_its_reason(small, monkey
     assert precision != "bf16" and "bf16 struck: non-finite" in line
 
 
+def test_a_path_that_fails_to_prepare_is_struck_with_the_line_that_says_why(small, monkeypatch):
+    """A compiler's failure opens with "backend='inductor' raised:"; the reason, one line, is what the record and
+    the bench show."""
+    monkeypatch.setattr(bench, "LONG_JOB_S", float("inf"))
+    prepare = model_mod.prepare
+
+    def failing_int8_fbgemm(model, precision, device, compile=True):
+        if precision == "int8-fbgemm":
+            raise RuntimeError("backend='inductor' raised:\nCppCompileError: C++ compile error\n\nCommand:\ng++ x.cpp")
+        return prepare(model, precision, device, compile)
+    monkeypatch.setattr(model_mod, "prepare", failing_int8_fbgemm)
+    run_auto(small, 10_000_000, 50_000_000)
+    entry = next(iter(json.loads(bench.record_path().read_text())["entries"].values()))
+    assert entry["int8-fbgemm"]["struck"] == "failed: CppCompileError: C++ compile error"
+    assert bench.first_reason(ValueError("one line")) == "one line" and bench.first_reason(KeyError()) == "KeyError"
+
+
 @pytest.mark.parametrize("n, per_item, expected_calls", [(8, 3.0, [2]), (8, 1.5, [2, 8]), (8, None, [2, 8]),
                                                        (128, 3.0, [8]), (128, 1.5, [8, 128]), (128, None, [8, 128]),
                                                        (2, None, [2])])
