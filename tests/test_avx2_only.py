@@ -50,11 +50,17 @@ def test_avx_vnni_keeps_onnx_runtimes_vnni_kernels_and_not_fbgemms(xdg):
 
 def test_faults_that_are_not_cpuid_still_reach_the_program_or_kill_it(xdg):
     """A real segmentation fault goes to the handler the program installed (Python's faulthandler, by sigaction),
-    and without one kills the process as it would have; the command's children run held too."""
+    a stack overflow included, and without one kills the process as it would have; the command's children run
+    held too."""
     crash = "import ctypes; ctypes.string_at(0)"
     plain = run(xdg, sys.executable, "-c", crash)
     assert plain.returncode == -11, plain.stderr[-500:]
     handled = run(xdg, sys.executable, "-X", "faulthandler", "-c", crash)
+    assert handled.returncode == -11 and "Fatal Python error: Segmentation fault" in handled.stderr, handled.stderr
+    # A stack overflow too: faulthandler's handler runs on its alternate stack, and the tool's first handler must
+    # run there as well, or the process dies without a word.
+    overflow = "import sys; sys.setrecursionlimit(10**8)\nl = []\nfor i in range(10**6): l = [l]\nrepr(l)"
+    handled = run(xdg, sys.executable, "-X", "faulthandler", "-c", overflow)
     assert handled.returncode == -11 and "Fatal Python error: Segmentation fault" in handled.stderr, handled.stderr
     child = ("import subprocess, sys; print(subprocess.run([sys.executable, '-c', 'import torch; "
              "print(torch.backends.cpu.get_cpu_capability())'], capture_output=True, text=True).stdout)")

@@ -56,10 +56,15 @@ static void on_segv(int sig, siginfo_t *info, void *context) {
         answered++;
         return;
     }
-    if (program_segv.sa_flags & SA_SIGINFO) {
-        program_segv.sa_sigaction(sig, info, context);
-    } else if (program_segv.sa_handler != SIG_DFL && program_segv.sa_handler != SIG_IGN) {
-        program_segv.sa_handler(sig);
+    struct sigaction program = program_segv;
+    if (program.sa_flags & SA_RESETHAND) {       /* a one-shot handler: the next fault takes the default action */
+        memset(&program_segv, 0, sizeof program_segv);
+        program_segv.sa_handler = SIG_DFL;
+    }
+    if (program.sa_flags & SA_SIGINFO) {
+        program.sa_sigaction(sig, info, context);
+    } else if (program.sa_handler != SIG_DFL && program.sa_handler != SIG_IGN) {
+        program.sa_handler(sig);
     } else {            /* back to the default action; returning re-executes the fault, which now kills */
         struct sigaction dfl;
         memset(&dfl, 0, sizeof dfl);
@@ -105,7 +110,7 @@ __attribute__((constructor)) static void start(void) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = on_segv;
-    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;  /* on the program's alternate stack, where it set one */
     sigemptyset(&sa.sa_mask);
     if (real_sigaction(SIGSEGV, &sa, NULL) || syscall(SYS_arch_prctl, ARCH_SET_CPUID, 0)) {
         fprintf(stderr, "cpuid_mask: this kernel or CPU cannot fault on CPUID (no cpuid_fault); nothing masked\n");
