@@ -32,7 +32,7 @@ SOURCE = Path(__file__).with_name("cpuid_mask.c")
 # AVX-VNNI, AVX512-BF16, AMX-FP16, AVX-IFMA; EDX: AVX-VNNI-INT8, AVX-NE-CONVERT, AMX-COMPLEX.
 AVX2_MASK = "0.b=dc230000;0.c=5842;0.d=3c0010c;1.a=a00030;1.d=130"
 AVX_VNNI_MASK = AVX2_MASK.replace("1.a=a00030", "1.a=a00020")  # AVX-VNNI (subleaf 1, EAX bit 4) kept
-GLIBC_AVX2 = "glibc.cpu.hwcaps=-AVX512F,-AVX512DQ,-AVX512CD,-AVX512BW,-AVX512VL,-AVX512_VNNI,-AVX_VNNI"
+GLIBC_AVX2 = "glibc.cpu.hwcaps=-AVX512F,-AVX512DQ,-AVX512CD,-AVX512BW,-AVX512VL"  # what its string functions use
 
 CHECK = """
 import torch, model, onnx_int8
@@ -77,12 +77,11 @@ def main() -> None:
         raise SystemExit(__doc__)
     env = avx2_environment(avx_vnni)
     if args[0] == "--check":
-        root = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-        for label, extra in (("as this CPU is", {}), ("held to AVX2" + " and AVX-VNNI" * avx_vnni, env)):
+        path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
+        held = "held to AVX2" + " and AVX-VNNI" * avx_vnni
+        for label, run_env in (("as this CPU is", dict(os.environ)), (held, env)):
             print(f"{label}:", flush=True)
-            subprocess.run([sys.executable, "-c", CHECK], env=extra or {**os.environ, "PYTHONPATH": env["PYTHONPATH"]},
-                           check=True)
+            subprocess.run([sys.executable, "-c", CHECK], env={**run_env, "PYTHONPATH": path}, check=True)
         return
     os.execvpe(args[0], args, env)
 
