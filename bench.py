@@ -308,6 +308,25 @@ def ort_weight_rows(model, px, tokens, batch_size: int, fp32_rates) -> list:
     return rows
 
 
+def weight_rows() -> list:
+    """`python bench.py --weights`: int8-ort's weight types (ort_weight_rows) beside int8-fbgemm, each against fp32
+    as extract runs it, on 32 random images and 512 Flickr-like captions (random-init ViT-B/32): minutes, where the
+    full bench takes half an hour or more."""
+    torch.manual_seed(0)
+    loaded = model_mod.load_model("ViT-B-32", "none")
+    model = loaded.model
+    model_mod.take_heads(model)
+    batch = extract.resolve(extract.ExtractSettings(annotations=Path("."), images=Path("."),
+                                                    cache=Path("."))).text_batch_size
+    tokens, px = loaded.tokenizer(flickr_like_captions(512)), torch.randn(32, 3, 224, 224)
+    fp32, fbgemm = (model_mod.prepare(model_mod.sharing_copy(model), p, "cpu") for p in ("fp32", "int8-fbgemm"))
+    rates = against_fp32(fp32, model, px, tokens, batch)[:2]
+    img_rate, cap_rate, ci, ct = against_fp32(fbgemm, model, px, tokens, batch)
+    ratio = f"image {img_rate / rates[0]:.2f}x, text {cap_rate / rates[1]:.2f}x fp32"
+    return [("int8-fbgemm, as extract runs it", f"{ratio}; min cosine {ci:.5f} / {ct:.5f}", f"{ct:.5f}",
+             ">= 0.999 text cosine")] + ort_weight_rows(model, px, tokens, batch, rates)
+
+
 def bf16_row(model, px) -> tuple:
     """bf16 trunk weights: speed and agreement with fp32 (fast only where the CPU has native bf16), both as extraction
     runs them."""
@@ -581,7 +600,9 @@ def cpu_name_and_flags() -> tuple[str, list[str]]:
 # 2, attention as two Linear layers (model.prepare), which took bf16 from 1.3x to 3.6x fp32 text on an AMX Xeon;
 # 3, int8-fbgemm's full-range activations and text in_proj where fbgemm does not saturate (model.fbgemm_full_range),
 #    and the command line's malloc keeping freed memory (cli.keep_freed_memory);
-# 4, int8-ort's signed weights where they are exact (onnx_int8.signed_weights_exact): 1.4x to 2.6x its speed with VNNI.
+# 4, int8-ort's signed weights where they are exact (onnx_int8.signed_weights_exact): 1.3x to 2.9x its speed with VNNI
+#    (`cli.py bench` and the "int8-ort weights" rows on an Intel Xeon with AVX-512 VNNI and AMX: as lent, AMX refused,
+#    and held to AVX2 and AVX-VNNI by tools/avx2_only.py).
 PATHS_REVISION = 4
 
 
@@ -984,13 +1005,15 @@ def part_main(which: str) -> None:
     """`python bench.py --precision`: the auto rows and the recall rows of int8-fbgemm, int8-ort and bf16 (auto
     takes bf16 where it measures fastest, as on an AMX Xeon), without the rest of the bench (an hour on AVX2);
     `--decode`: decoding on the device against PIL (fidelity and recall); `--trunks`: the fp32 trunks'
-    rows and their Flickr30k projection (a few minutes)."""
+    rows and their Flickr30k projection (a few minutes); `--weights`: int8-ort's weight types (weight_rows)."""
     print(header())
     if which == "--trunks":
         rows, *_, (img_rate, cap_rate) = fp32_trunk_rows()
         rows.append(flickr_row("fp32", img_rate, cap_rate))
     elif which == "--precision":
         rows = auto_rows() + int8_recall_rows(paths=("int8-fbgemm", "int8-ort", "bf16"))
+    elif which == "--weights":
+        rows = weight_rows()
     else:
         rows = decode_recall_rows()
     print_rows(rows)
@@ -1000,5 +1023,5 @@ if __name__ == "__main__":
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     import cli
     cli.keep_freed_memory()  # as `cli.py` does, so the trunks are timed as extraction runs them
-    part = [a for a in sys.argv[1:] if a in ("--precision", "--decode", "--trunks")]
+    part = [a for a in sys.argv[1:] if a in ("--precision", "--decode", "--trunks", "--weights")]
     part_main(part[0]) if part else main()

@@ -16,10 +16,11 @@ unsigned elsewhere. `make bench`'s "int8-ort weights" rows compare the three typ
 ViT-B/32, speed and min cosine to fp32:
 - without VNNI (an AVX2-only EPYC), signed 8-bit weights overflowed their 16-bit pair sums: image 0.99378 against
   0.99992 unsigned; signed 7-bit (``reduce_range``) took faster kernels but lost more: text 0.99728 against 0.99906;
-- with VNNI the signed kernels are exact and the faster ones: signed 8-bit 1.76x / 1.50x fp32 (image / text) at
-  0.99993 / 0.99903 against unsigned 1.13x / 1.07x at 0.99993 / 0.99905 (an Intel Xeon held to AVX2 and AVX-VNNI
-  by tools/avx2_only.py --avx-vnni, as Intel's Core processors from the 12th generation on are; one run), and
-  1.63x / 1.69x against 1.21x / 0.86x with AVX-512 VNNI (the same Xeon with its AMX refused, one run).
+- with VNNI the signed kernels are exact and the faster ones: signed 8-bit 2.08x / 2.21x fp32 (image / text) at
+  0.99993 / 0.99901 against unsigned 1.20x / 1.16x at 0.99993 / 0.99904 (an Intel Xeon held to AVX2 and AVX-VNNI
+  by tools/avx2_only.py --avx-vnni, as Intel's Core processors from the 12th generation on are; `bench.py
+  --weights`, one run), and 1.63x / 1.69x against 1.21x / 0.86x with AVX-512 VNNI (the same Xeon with its AMX
+  refused, the same rows by hand, one run).
 The norms, the attention scores, the patch and token embeddings stay fp32.
 
 The trunks are exported with their attention written out (``ExportBlocks``): the same arithmetic as open_clip's
