@@ -411,7 +411,8 @@ def recall_change_rows(variants: dict, n_images: int, seeds, galleries: int = 0)
             ann = worlds.make_dataset(Path(tmp) / "more", "target", n_images=galleries * size, seed=1)
             more = {name: cut_galleries(run(ann, kwargs, Path(tmp) / f"{name}.more.h5").split("all"), size)
                     for name, kwargs in variants.items()}
-        probed = probe.load_checkpoint(Path(tmp) / f"{first}{seeds[0]}.pt")[0]
+        heads = {"zero-shot": probe.Heads.from_cache(caches[first]),
+                 "probed": probe.load_checkpoint(Path(tmp) / f"{first}{seeds[0]}.pt")[0]}
         where = f"ShapesCLIP, {n_images} target-world images, test split"
         fixed = where + (f" and {galleries} more galleries of {size} images" if galleries else "")
         rows = []
@@ -421,8 +422,7 @@ def recall_change_rows(variants: dict, n_images: int, seeds, galleries: int = 0)
                          f"over seeds {list(seeds)}", f"{spread.min():.2f}-{spread.max():.2f} pp", ""))
         for name in names[1:]:
             pairs = [(test[first], test[name]), *zip(more.get(first, []), more.get(name, []))]
-            same = {kind: paired_change(heads, pairs)
-                    for kind, heads in (("zero-shot", probe.Heads.from_cache(caches[first])), ("probed", probed))}
+            same = {kind: paired_change(h, pairs) for kind, h in heads.items()}
             # Probes retrained with the same seed on each cache, paired: the change's mean over seeds, and twice its
             # standard error. Retraining alone moves R@K by 0.6-1.9 pp between seeds (fp32, 30 seeds), so a change
             # is resolved only where its interval is narrower than the budget.
