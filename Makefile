@@ -1,14 +1,14 @@
-# `make demo` sets everything up (.venv from requirements-dev.txt) and runs the offline demo.
-# `make test` runs the test suite; .ci/run runs exactly that.
+# `make demo` sets everything up (.venv from requirements-dev.txt, the package installed editable) and runs the
+# offline demo. `make test` runs the test suite; .ci/run runs exactly that.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench bench-trunks bench-precision bench-decode sweep pretrain clean
+.PHONY: setup demo test bench bench-trunks bench-precision bench-decode bench-weights sweep pretrain clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
@@ -19,32 +19,34 @@ demo: setup
 test: setup
 	$(PY) -m pytest
 
+# The measurements behind docs/performance.md (benchmarks/, outside the package). `make bench` is the whole
+# developers' bench (half an hour to an hour on 2 cores); the parts below run alone.
 bench: setup
-	$(PY) bench.py
+	$(PY) benchmarks/bench.py
 
-# --precision auto end to end against fp32 (first time, and after `cli.py bench --compiled`), and the recall change
-# of int8-fbgemm, int8-ort and bf16 on ShapesCLIP, 10,000 images and 15 more galleries of 1,000, 30 probe seeds a
-# cache (about 50 minutes on 2 AVX2 cores before bf16 and the galleries joined; their recall rows took 24 minutes on
-# an AMX Xeon).
+# --precision auto end to end against fp32, and the recall change of int8-fbgemm, int8-ort and bf16 on ShapesCLIP.
 bench-precision: setup
-	$(PY) bench.py --precision
+	$(PY) benchmarks/bench.py --precision
 
-# The fp32 trunks alone: against the GEMM ceiling, open_clip's encode_text at 77 tokens and open_clip's forwards
-# (the last block at every position), and the projected fp32 Flickr30k extract (a few minutes).
+# The fp32 trunks alone: against the GEMM ceiling and open_clip's forwards, and the projected fp32 Flickr30k extract.
 bench-trunks: setup
-	$(PY) bench.py --trunks
-# Decoding JPEGs on the device (jpeg.py) against PIL: min cosine on ViT-B/32, recall on ShapesCLIP (10,000 images and
-# 15 more galleries; 11 minutes on an AMX Xeon).
+	$(PY) benchmarks/bench.py --trunks
+
+# Decoding JPEGs on the device (jpeg.py) against PIL: min cosine on ViT-B/32, recall on ShapesCLIP.
 bench-decode: setup
-	$(PY) bench.py --decode
+	$(PY) benchmarks/bench.py --decode
 
-# The README's probe tables: the small pretrained CLIP on the demo's shifted world, 3 seeds a setting.
+# int8-ort's weight types beside int8-fbgemm, against fp32 (a few minutes).
+bench-weights: setup
+	$(PY) benchmarks/bench.py --weights
+
+# docs/probe-defaults.md's tables: ShapesCLIP on the demo's shifted world, 3 seeds a setting.
 sweep: setup
-	$(PY) tools/sweep_pretrained.py
+	$(PY) benchmarks/sweep.py
 
-# Rebuild pretrained/ShapesCLIP.pt from scratch (seeded; about 10 minutes on 2 cores). It is committed.
+# Rebuild finetune_clip/pretrained/ShapesCLIP.pt from scratch (seeded; about 10 minutes on 2 cores). It is committed.
 pretrain: setup
-	$(PY) pretrain.py
+	$(PY) benchmarks/pretrain.py
 
 clean:
-	rm -rf cache/demo_* data/demo artifacts/*.json checkpoints/*.pt
+	rm -rf cache/demo_* data/demo artifacts/*.json artifacts/*.png checkpoints/*.pt

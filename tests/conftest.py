@@ -11,8 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import cache  # noqa: E402
-import worlds  # noqa: E402
+from finetune_clip import cache
+from finetune_clip import worlds
 
 # The suite never reads or writes the user's ~/.cache: the per-machine precision record and int8-ort's exported
 # trunks live under $XDG_CACHE_HOME, for the tests a folder of this run's own (tests that need an empty one set theirs).
@@ -31,7 +31,7 @@ def shapes(tmp_path_factory):
 @pytest.fixture(scope="session")
 def extracted(shapes, tmp_path_factory):
     """The shapes set extracted once with a seeded random-init ViT-B/32 (the real architecture)."""
-    import extract
+    from finetune_clip import extract
     annotations, images = shapes
     path = tmp_path_factory.mktemp("cache") / "shapes.h5"
     settings = extract.ExtractSettings(annotations=annotations, images=images, cache=path, pretrained="none",
@@ -43,12 +43,12 @@ def extracted(shapes, tmp_path_factory):
 @pytest.fixture(scope="session")
 def reference_model():
     """An untouched model with the same seed as the extraction: open_clip's own encode_* is the reference."""
-    import model as model_mod
+    from finetune_clip import model as model_mod
     return model_mod.load_model("ViT-B-32", "none", seed=0)
 
 
 def make_synthetic_cache(path, n_images=200, caps_per_image=5, d_img=48, d_txt=40, embed=16, seed=0,
-                         failed=()):
+                         failed=(), precision="fp32"):
     """A complete cache whose image and text features share a hidden linear structure the heads must find.
 
     Pretrained heads are random, so the baseline is near chance and a probe has room to improve.
@@ -67,7 +67,7 @@ def make_synthetic_cache(path, n_images=200, caps_per_image=5, d_img=48, d_txt=4
              "logit_scale": np.float32(np.log(1 / 0.07))}
     cache.create(path, image_names=[f"img{i:04d}.jpg" for i in range(n_images)], image_splits=splits,
                  captions=[f"caption {j} of image {i}" for j, i in enumerate(idx)], caption_image_index=idx,
-                 heads=heads, attrs={"model": "synthetic", "pretrained": "none", "precision": "fp32", "seed": seed,
+                 heads=heads, attrs={"model": "synthetic", "pretrained": "none", "precision": precision, "seed": seed,
                                      "annotations_sha256": "synthetic"})
     w = cache.Writer(path)
     ok = np.ones(n_images, bool)
@@ -85,7 +85,8 @@ def synthetic_cache(tmp_path):
 
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL_CLIP = (ROOT / "pretrained" / "ShapesCLIP.json", ROOT / "pretrained" / "ShapesCLIP.pt")
+SMALL_CLIP = (ROOT / "finetune_clip" / "pretrained" / "ShapesCLIP.json",
+              ROOT / "finetune_clip" / "pretrained" / "ShapesCLIP.pt")
 
 
 @pytest.fixture(scope="session")
@@ -100,7 +101,7 @@ def target_world(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_extracted(target_world, tmp_path_factory):
     """The target world extracted with the project's small pretrained CLIP (a model that has learned)."""
-    import extract
+    from finetune_clip import extract
     annotations, images, _ = target_world
     path = tmp_path_factory.mktemp("small") / "target.h5"
     settings = extract.ExtractSettings(annotations=annotations, images=images, cache=path,
@@ -114,7 +115,7 @@ def small_probed(small_extracted, tmp_path_factory):
     """The probe with its defaults on that cache: (checkpoint path, train() result)."""
     import io
 
-    import probe
+    from finetune_clip import probe
     out = tmp_path_factory.mktemp("small_probe") / "probe.pt"
     result = probe.train(cache.load(small_extracted.cache), probe.ProbeSettings(), out, log=io.StringIO())
     return out, result

@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 _context = multiprocessing.get_context("forkserver")
-_context.set_forkserver_preload(["torch", "open_clip", "h5py", "cli", "extract", "bench", "pretrain", "forked"])
+_context.set_forkserver_preload(["torch", "open_clip", "h5py", "finetune_clip.cli", "finetune_clip.extract", "forked"])
 
 
 def _child(argv, stdout, stderr, cwd, env, prepare):
@@ -48,9 +48,10 @@ def _child(argv, stdout, stderr, cwd, env, prepare):
     code = 0
     try:
         if argv[0] == "cli.py":
-            import cli
+            from finetune_clip import cli
             cli.cli.main(args=list(argv[1:]), prog_name="cli.py")
         elif argv[0] == "pretrain.py":
+            sys.path.insert(0, str(ROOT / "benchmarks"))
             import pretrain
             pretrain.main(list(argv[1:]))
         else:
@@ -172,7 +173,7 @@ def file_size_limit(limit: int) -> None:
 
 def writes_fail_from(method: str, call: int) -> None:
     """From the ``call``-th call of ``cache.Writer.<method>`` on, no write reaches the disk."""
-    import cache
+    from finetune_clip import cache
     original, calls = getattr(cache.Writer, method), []
 
     def failing(self, *args):
@@ -185,7 +186,7 @@ def writes_fail_from(method: str, call: int) -> None:
 
 def disk_fills_after_the_space_check() -> None:
     """Another program takes the free space between extract's space check and the cache's creation."""
-    import extract
+    from finetune_clip import extract
     check = extract._check_space
 
     def check_then_fill(path, *args):
@@ -208,8 +209,8 @@ def fill(path: Path) -> Path:
 
 def decoding_hangs_at_row(row: int, marker: str) -> None:
     """The decoding worker hangs on ``row``; ``marker`` appears once the first image batch is on disk."""
-    import cache
-    import extract
+    from finetune_clip import cache
+    from finetune_clip import extract
     decode, write = extract._ImageRows.__getitem__, cache.Writer.write_images
 
     def hang(self, i):

@@ -1,4 +1,4 @@
-"""tools/avx2_only.py, the measurement aid that holds every library's kernels to AVX2 (or AVX2 and AVX-VNNI) by
+"""benchmarks/avx2_only.py, the measurement aid that holds every library's kernels to AVX2 (or AVX2 and AVX-VNNI) by
 answering CPUID itself."""
 import os
 import platform
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOL = str(ROOT / "tools" / "avx2_only.py")
+TOOL = str(ROOT / "benchmarks" / "avx2_only.py")
 pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.machine() != "x86_64" or shutil.which("cc") is None
     or "cpuid_fault" not in Path("/proc/cpuinfo").read_text().split(),

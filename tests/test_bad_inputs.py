@@ -7,8 +7,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import cache
-import cli
+from finetune_clip import cache
+from finetune_clip import cli
 
 LONG = " ".join(["a brown dog jumps over a wooden fence in the park"] * 10)
 

@@ -3,7 +3,7 @@ import h5py
 import numpy as np
 import pytest
 
-import cache
+from finetune_clip import cache
 from conftest import make_synthetic_cache
 
 
@@ -73,7 +73,7 @@ def test_missing_cache_says_what_to_run(tmp_path):
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
-    from atomic import replacing
+    from finetune_clip.atomic import replacing
     target = tmp_path / "out" / "x.json"
     with replacing(target) as tmp:
         tmp.write_text("old")
@@ -107,7 +107,7 @@ def test_a_flipped_byte_is_caught_and_named(tmp_path, dataset):
 def test_cli_says_the_cache_is_damaged_in_one_line(tmp_path):
     from click.testing import CliRunner
 
-    import cli
+    from finetune_clip import cli
     path = make_synthetic_cache(tmp_path / "c.h5")
     _flip_a_byte_inside(path, "images/features")
     for args in (["eval", "--baseline-only"], ["probe", "--epochs", "1"], ["compare", "--b", "baseline"]):

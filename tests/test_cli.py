@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-import cli
+from finetune_clip import cli
 from conftest import make_synthetic_cache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,11 +24,37 @@ def run(tmp_path, monkeypatch):
     return invoke
 
 
-def test_every_command_has_help_with_an_example(run):
+def test_every_command_has_help_with_an_example_kept_as_written(run):
     for name, command in cli.cli.commands.items():
         result = run(name, "--help")
         assert result.exit_code == 0, name
         assert "Example" in result.output, name
+        examples = [ln for ln in result.output.splitlines() if ln.strip().startswith("finetune-clip ")]
+        assert examples, name
+        for line in examples:  # click rewraps paragraphs; the examples are marked to be printed as they are
+            assert line.strip() in command.help, (name, line)
+
+
+def test_the_command_list_shows_each_summary_whole_and_there_is_a_version(run):
+    from finetune_clip import __version__
+    listing = run("--help").output.split("Commands:")[1].splitlines()
+    summaries = {ln.split()[0]: " ".join(ln.split()[1:]) for ln in listing if ln.strip()}
+    assert set(summaries) == set(cli.cli.commands)
+    for name, summary in summaries.items():
+        assert summary == cli.cli.commands[name].help.splitlines()[0], name  # not cut off with "..."
+    assert run("--version").output.strip().endswith(__version__)
+
+
+def test_probe_help_shows_every_default_and_they_are_the_settings_defaults(run):
+    from finetune_clip.probe import ProbeSettings
+    text = " ".join(run("probe", "--help").output.split("Options:")[1].split())
+    for field, shown in (("lr", "0.003"), ("weight_decay", "0.1"), ("reg_to_init", "0.0"), ("batch_size", "128"),
+                         ("loss", "multi"), ("epochs", "100"), ("patience", "10"), ("seed", "0")):
+        assert str(getattr(ProbeSettings, field)) == shown
+        option = "--" + field.replace("_", "-")
+        assert f"[default: {shown}" in text.split(option, 1)[1].split("--", 1)[0], option
+    assert "[default: freeze-logit- scale]" in text or "[default: freeze-logit-scale]" in text
+    assert "[default: interpolate]" in text and "[default: 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1]" in text
 
 
 def test_splits_by_image(run, tmp_path):
@@ -98,7 +124,8 @@ def test_probe_and_eval_never_load_open_clip(tmp_path):
             f" '--history', r'{tmp_path / 'h.json'}'], standalone_mode=False)\n"
             f"cli.cli(['eval', '--cache', r'{path}', '--checkpoint', r'{tmp_path / 'x.pt'}',"
             f" '--out', r'{tmp_path / 'r.json'}'], standalone_mode=False)\n"
-            "print('LOADED' if 'open_clip' in sys.modules or 'extract' in sys.modules else 'CLEAN')\n")
+            "print('LOADED' if {'open_clip', 'finetune_clip.model', 'finetune_clip.extract'} & set(sys.modules)"
+            " else 'CLEAN')\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("CLEAN")
@@ -143,7 +170,7 @@ def test_the_command_lines_malloc_reuses_a_freed_tensors_memory_instead_of_pagin
     """A 64 MiB tensor made and freed twenty times: glibc alone maps it afresh each time (a page fault per 4 KiB
     page, 16,384 a time); with keep_freed_memory the heap grows for the first few and then serves every later one
     from memory already paged in. Counted in page faults over the last ten, not in seconds."""
-    code = ("import resource, sys, torch, cli\n"
+    code = ("import resource, sys, torch; from finetune_clip import cli\n"
             "if sys.argv[1] == 'keep': assert cli.keep_freed_memory()\n"
             "for _ in range(10): torch.empty(1 << 24).fill_(1)\n"
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"

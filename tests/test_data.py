@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import data
-import worlds
+from finetune_clip import data
+from finetune_clip import worlds
 
 
 def write(path, text):

@@ -2,7 +2,7 @@
 JPEGs decoded in batches on the device with PIL as the fallback, and writes that overlap the trunks.
 
 The device decoding runs here with device="cpu" (torchvision decodes with libjpeg-turbo): the same code
-as on a GPU, less nvJPEG itself. tools/gpu_check.py measures that part on a GPU.
+as on a GPU, less nvJPEG itself. benchmarks/gpu_check.py measures that part on a GPU.
 """
 import io
 import shutil
@@ -15,13 +15,13 @@ import torch
 import torchvision
 from PIL import Image
 
-import cache
-import extract
-import jpeg
-import model as model_mod
+from finetune_clip import cache
+from finetune_clip import extract
+from finetune_clip import jpeg
+from finetune_clip import model as model_mod
 from conftest import ROOT
 
-SMALL = str(ROOT / "pretrained" / "ShapesCLIP.json")  # the small architecture, random init: runs in moments
+SMALL = str(ROOT / "finetune_clip" / "pretrained" / "ShapesCLIP.json")  # the small architecture, random init: fast
 
 
 def settings_for(annotations, images, path, **kw):

@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-import cache
-import data
-import extract
-import model as model_mod
-import worlds
+from finetune_clip import cache
+from finetune_clip import data
+from finetune_clip import extract
+from finetune_clip import model as model_mod
+from finetune_clip import worlds
 
 LONG = " ".join(["a dog runs across the green grass toward a red ball"] * 12)  # ~130 tokens, truncated
 
@@ -206,7 +206,7 @@ def test_bf16_cache_agrees_with_fp32(tmp_path):
 def test_gpu_only_settings_fail_clearly_without_a_gpu(shapes, tmp_path):
     from click.testing import CliRunner
 
-    import cli
+    from finetune_clip import cli
     annotations, images = shapes
     base = ["extract", "--annotations", str(annotations), "--images", str(images), "--cache", str(tmp_path / "c.h5"),
             "--pretrained", "none"]

@@ -24,16 +24,16 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import cache
-import cli
-import extract
+from finetune_clip import cache
+from finetune_clip import cli
+from finetune_clip import extract
 import forked
 from test_resume import arrays
 
 ROOT = Path(__file__).resolve().parents[1]
 # The project's small CLIP architecture (random init): these tests are about the file, and it runs in moments.
-ARGS = ["--model", str(ROOT / "pretrained" / "ShapesCLIP.json"), "--pretrained", "none", "--batch-size", "8",
-        "--text-batch-size", "16"]
+ARGS = ["--model", str(ROOT / "finetune_clip" / "pretrained" / "ShapesCLIP.json"), "--pretrained", "none",
+        "--batch-size", "8", "--text-batch-size", "16"]
 
 
 def cmd(shapes, path, workers=0):

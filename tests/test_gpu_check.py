@@ -1,4 +1,4 @@
-"""The prepared GPU measurement (tools/gpu_check.py) runs end to end on a CPU with tiny sizes."""
+"""The prepared GPU measurement (benchmarks/gpu_check.py) runs end to end on a CPU with tiny sizes."""
 import json
 import subprocess
 import sys
@@ -7,8 +7,8 @@ from conftest import ROOT
 
 
 def test_gpu_check_runs_tiny_on_the_cpu(tmp_path):
-    out = subprocess.run([sys.executable, "tools/gpu_check.py", str(tmp_path), "--device", "cpu", "--images", "8",
-                          "--model", "pretrained/ShapesCLIP.json", "--reference-images", "4"],
+    out = subprocess.run([sys.executable, "benchmarks/gpu_check.py", str(tmp_path), "--device", "cpu", "--images", "8",
+                          "--model", "finetune_clip/pretrained/ShapesCLIP.json", "--reference-images", "4"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())

@@ -4,9 +4,10 @@ import copy
 import pytest
 import torch
 
-import bench
-import model as model_mod
-import onnx_int8
+from finetune_clip import autoprecision
+from finetune_clip import backends
+from finetune_clip import model as model_mod
+from finetune_clip import onnx_int8
 from conftest import SMALL_CLIP
 
 
@@ -22,7 +23,7 @@ def small(home):
     """The small CLIP architecture, random init (its export takes seconds), and its int8-ort twin, built here."""
     loaded = model_mod.load_model(str(SMALL_CLIP[0]), "none")
     model_mod.take_heads(loaded.model)
-    return loaded, model_mod.prepare(copy.deepcopy(loaded.model), "int8-ort", "cpu")
+    return loaded, backends.prepare(copy.deepcopy(loaded.model), "int8-ort", "cpu")
 
 
 def features(net, loaded, pixels, captions):
@@ -31,7 +32,7 @@ def features(net, loaded, pixels, captions):
 
 
 PIXELS = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-CAPTIONS = ["a", "a red circle above a blue square", " ".join(["long"] * 90), *bench.flickr_like_captions(40)]
+CAPTIONS = ["a", "a red circle above a blue square", " ".join(["long"] * 90), *autoprecision.flickr_like_captions(40)]
 
 
 def test_features_agree_with_fp32_at_every_batch_and_caption_length(small):
@@ -88,8 +89,7 @@ def test_the_last_blocks_one_position_layers_stay_fp32(small):
 def test_every_transpose_in_the_graphs_moves_one_axis(small):
     """ONNX Runtime's CPU Transpose has a dedicated copy for a permutation that moves one axis; the five-axis
     permute of q, k and v together that scaled_dot_product_attention on a packed tensor exports goes through its
-    general path, and tools/int8_text_pairs.py read the int8 text trunk at 1.55x fp32 without it, 1.47-1.51x with
-    (AMD EPYC, flags avx2 fma, 2 threads)."""
+    general path (docs/performance.md: the int8 text trunk ran 1.55x fp32 without it, 1.47-1.51x with it)."""
     import onnx
     loaded, _ = small
     folder = onnx_int8.root() / onnx_int8.key(loaded.model)
@@ -105,7 +105,7 @@ def test_every_transpose_in_the_graphs_moves_one_axis(small):
 
 def test_a_second_use_loads_the_kept_files(small):
     loaded, q = small
-    again = model_mod.prepare(copy.deepcopy(loaded.model), "int8-ort", "cpu")
+    again = backends.prepare(copy.deepcopy(loaded.model), "int8-ort", "cpu")
     assert again.int8_build_s == 0 and "(reused:" in again.int8_kernels
     for a, b in zip(features(q, loaded, PIXELS, CAPTIONS), features(again, loaded, PIXELS, CAPTIONS)):
         assert torch.equal(a, b)  # the same files, the same threads
@@ -121,12 +121,12 @@ def test_damaged_files_are_rebuilt_never_used(small):
     raw = bytearray((folder / "visual.onnx").read_bytes())
     raw[len(raw) // 2] ^= 0x40  # one flipped bit in the weights: ONNX Runtime would load it and compute wrong features
     (folder / "visual.onnx").write_bytes(raw)
-    assert bench.slow_to_start(loaded.model) == ("int8", "int8-ort")  # auto counts the export again
-    rebuilt = model_mod.prepare(copy.deepcopy(loaded.model), "int8-ort", "cpu")
+    assert autoprecision.slow_to_start(loaded.model) == ("int8-ort",)  # auto counts the export again
+    rebuilt = backends.prepare(copy.deepcopy(loaded.model), "int8-ort", "cpu")
     assert rebuilt.int8_build_s > 0 and "damaged: visual.onnx does not match its checksum" in rebuilt.int8_kernels
     for a, b in zip(features(q, loaded, PIXELS, CAPTIONS), features(rebuilt, loaded, PIXELS, CAPTIONS)):
         assert torch.equal(a, b)
-    assert bench.slow_to_start(loaded.model) == ("int8",)
+    assert autoprecision.slow_to_start(loaded.model) == ()
 
 
 def test_auto_counts_the_export_only_while_the_files_are_missing(small):
@@ -136,12 +136,12 @@ def test_auto_counts_the_export_only_while_the_files_are_missing(small):
          "cos_text": 1.0, "struck": ""}
     record = {"fp32": {**m, "build_s": 0.0}, "int8-ort": m}
     assert onnx_int8.built(loaded.model)
-    assert bench._built_now(record, loaded.model)["int8-ort"]["build_s"] == 0.0
+    assert autoprecision._built_now(record, loaded.model)["int8-ort"]["build_s"] == 0.0
     other = model_mod.load_model(str(SMALL_CLIP[0]), "none", seed=1).model  # other weights: nothing built
     model_mod.take_heads(other)
-    assert bench._built_now(record, other)["int8-ort"]["build_s"] == 60.0
-    assert "int8-ort" not in bench._built_now({**record, "int8-ort": {**m, "build_s": 0.0}}, other)
-    kept = bench._keep_build(record, {"int8-ort": {**m, "build_s": 0.0}})
+    assert autoprecision._built_now(record, other)["int8-ort"]["build_s"] == 60.0
+    assert "int8-ort" not in autoprecision._built_now({**record, "int8-ort": {**m, "build_s": 0.0}}, other)
+    kept = autoprecision._keep_build(record, {"int8-ort": {**m, "build_s": 0.0}})
     assert kept["int8-ort"]["build_s"] == 60.0  # reused now: the build measured before stays on record
 
 
@@ -159,8 +159,8 @@ def test_auto_takes_int8_ort_from_the_record_once_its_files_are_on_disk(small):
     model_mod.take_heads(other)
     pixels, tokens = torch.zeros(2, 3, 64, 64), loaded.tokenizer(["a red circle"] * 4)
     for net, expected in ((loaded.model, "int8-ort"), (other, "int8-fbgemm")):
-        bench.write_record(bench.record_key("cpu", "ort-test"), record)
-        precision, prepared, line = bench.auto_precision(net, "cpu", pixels, tokens, 200, 1000, "ort-test",
+        autoprecision.write_record(autoprecision.record_key("cpu", "ort-test"), record)
+        precision, prepared, line = autoprecision.auto_precision(net, "cpu", pixels, tokens, 200, 1000, "ort-test",
                                                          log=io.StringIO())
         assert (precision, prepared) == (expected, None) and "; from " in line
 
@@ -178,7 +178,7 @@ def test_an_export_that_fails_is_one_line_and_leaves_nothing_behind(small, monke
     monkeypatch.setattr(onnx_int8, "_export", full)
     with pytest.raises(model_mod.ModelError, match=r"int8-ort could not export the trunks into .*No space left on "
                        r"device.*XDG_CACHE_HOME") as err:
-        model_mod.prepare(copy.deepcopy(loaded.model), "int8-ort", "cpu")
+        backends.prepare(copy.deepcopy(loaded.model), "int8-ort", "cpu")
     assert "\n" not in str(err.value)
     assert [p.name for p in onnx_int8.root().iterdir() if not p.name.endswith(".lock")] == []
 
@@ -198,7 +198,7 @@ def test_the_weights_are_signed_exactly_where_the_probe_found_signed_products_ex
         if want_signed != signed:
             monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
             assert not folder.exists()  # another key for the other type
-            other = model_mod.prepare(copy.deepcopy(loaded.model), "int8-ort", "cpu")
+            other = backends.prepare(copy.deepcopy(loaded.model), "int8-ort", "cpu")
             folder = onnx_int8.root() / onnx_int8.key(loaded.model)
             assert other.int8_build_s > 0
         word = "signed 8-bit" if want_signed else "unsigned 8-bit"

@@ -1,11 +1,16 @@
-"""Recall@K, median and mean rank against a slow, obvious reference and a hand-checked case."""
+"""Recall@K, median and mean rank against a slow, obvious reference and a hand-checked case; and the benchmarks'
+paired recall change built on them."""
+import sys
+
 import numpy as np
 import pytest
 import torch
 
-import bench
-import cache
-import metrics
+from conftest import ROOT
+from finetune_clip import cache, metrics
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench  # noqa: E402  (benchmarks/bench.py, outside the package)
 
 
 def naive_ranks(img, txt, idx):

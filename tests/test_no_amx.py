@@ -1,4 +1,4 @@
-"""tools/no_amx.py, the measurement aid that stands an AMX Xeon in for one whose AMX is not granted."""
+"""benchmarks/no_amx.py, the measurement aid that stands an AMX Xeon in for one whose AMX is not granted."""
 import platform
 import subprocess
 import sys
@@ -19,12 +19,12 @@ def test_no_amx_refuses_the_request_for_amx_tiles_and_nothing_else(tmp_path):
     process, still work under the filter, and the child inherits it."""
     plain = subprocess.run([sys.executable, "-c", ASK], capture_output=True, text=True, check=True).stdout.split()
     if plain == ["-1", "1"]:
-        pytest.skip("this process already runs under tools/no_amx.py (children inherit its filter)")
+        pytest.skip("this process already runs under benchmarks/no_amx.py (children inherit its filter)")
     script = tmp_path / "ask.py"
-    script.write_text(ASK + "import subprocess, sys\n"
-                      f"print(subprocess.run([sys.executable, '-c', {ASK!r}], capture_output=True, text=True).stdout)\n")
+    script.write_text(ASK + "import subprocess, sys\n" f"print(subprocess.run([sys.executable, '-c', {ASK!r}], "
+                      "capture_output=True, text=True).stdout)\n")
     plain = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout.split()
-    under = subprocess.run([sys.executable, str(ROOT / "tools" / "no_amx.py"), str(script)], capture_output=True,
+    under = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "no_amx.py"), str(script)], capture_output=True,
                            text=True, check=True).stdout.split()
     assert under == ["-1", "1", "-1", "1"]
     assert plain[:2] != ["-1", "1"] and plain[:2] == plain[2:]

@@ -15,11 +15,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import bench
-import cache
-import cli
-import extract
-import model as model_mod
+from finetune_clip import autoprecision
+from finetune_clip import cache
+from finetune_clip import cli
+from finetune_clip import extract
+from finetune_clip import backends
+from finetune_clip import model as model_mod
 from conftest import SMALL_CLIP, make_synthetic_cache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,14 +38,14 @@ def small():
     """The project's small CLIP architecture, random init (fast), with a calibration batch."""
     loaded = model_mod.load_model(str(SMALL_CLIP[0]), "none")
     model_mod.take_heads(loaded.model)
-    pixels = torch.randn(bench.CAL_IMAGES, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    tokens = loaded.tokenizer(bench.flickr_like_captions(bench.CAL_CAPTIONS))
+    pixels = torch.randn(autoprecision.CAL_IMAGES, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    tokens = loaded.tokenizer(autoprecision.flickr_like_captions(autoprecision.CAL_CAPTIONS))
     return loaded, pixels, tokens
 
 
 def run_auto(small, n_images, n_captions, log=None):
     loaded, pixels, tokens = small
-    return bench.auto_precision(loaded.model, "cpu", pixels, tokens, n_images, n_captions, "small-test", 64,
+    return autoprecision.auto_precision(loaded.model, "cpu", pixels, tokens, n_images, n_captions, "small-test", 64,
                                 log or io.StringIO())
 
 
@@ -53,34 +54,59 @@ def test_a_short_job_takes_fp32_without_calibrating(small, record_home, monkeypa
     would not repay) nothing is timed; one image more, fp32 is timed on a tiny batch (2 images) before anything
     else is."""
     timed = []
-    real = bench.measure_path
-    monkeypatch.setattr(bench, "measure_path", lambda *a, **k: timed.append(len(a[3])) or real(*a, **k))
-    assert bench.WORTH * bench.CAL_PASSES == 24
+    real = autoprecision.measure_path
+    monkeypatch.setattr(autoprecision, "measure_path", lambda *a, **k: timed.append(len(a[3])) or real(*a, **k))
+    assert autoprecision.WORTH * autoprecision.CAL_PASSES == 24
     precision, prepared, line = run_auto(small, 24 * 8, 24 * 128)
     assert precision == "fp32" and prepared is None and timed == []
     assert line.startswith("precision auto: fp32 (a short job")
     run_auto(small, 24 * 8 + 1, 24 * 128)
     assert timed[0] == 2
-    assert not bench.record_path().exists() or len(timed) > 1  # a record only where the paths were calibrated
+    assert not autoprecision.record_path().exists() or len(timed) > 1  # a record only where the paths were calibrated
 
 
 def test_a_long_job_calibrates_every_path_records_it_and_the_next_run_decides_at_once(small, monkeypatch):
-    monkeypatch.setattr(bench, "LONG_JOB_S", float("inf"))  # leave the minute-long compile out of the test
+    monkeypatch.setattr(autoprecision, "LONG_JOB_S", float("inf"))  # leave int8-ort's minute-long export out
     precision, _, line = run_auto(small, 10_000_000, 50_000_000)
-    record = json.loads(bench.record_path().read_text())
+    record = json.loads(autoprecision.record_path().read_text())
     (entry,) = record["entries"].values()
     assert set(entry) == {"fp32", "bf16", "int8-fbgemm"}
     faithful = {k: v for k, v in entry.items() if not v["struck"]}
-    best = min(faithful, key=lambda k: bench.projected_s(faithful[k], 10_000_000, 50_000_000))
+    best = min(faithful, key=lambda k: autoprecision.projected_s(faithful[k], 10_000_000, 50_000_000))
     assert precision == best and "calibrated in" in line
     for m in entry.values():
-        assert m["struck"] or min(m["cos_image"], m["cos_text"]) >= bench.FAITHFUL
+        assert m["struck"] or min(m["cos_image"], m["cos_text"]) >= autoprecision.FAITHFUL
 
     def no_measuring(*args, **kwargs):
         raise AssertionError("the record should have decided")
-    monkeypatch.setattr(bench, "measure_path", no_measuring)
+    monkeypatch.setattr(autoprecision, "measure_path", no_measuring)
     again, prepared, line = run_auto(small, 10_000_000, 50_000_000)
     assert again == precision and prepared is None and "from " in line
+
+
+def test_int8_takes_the_fastest_faithful_int8_backend_never_another_path(small, monkeypatch):
+    """`--precision int8` measures the int8 backends against fp32 and takes the one the job runs fastest with, even
+    where fp32 or bf16 would be faster (a width-128 toy: fp32 may well be); a short job takes int8-fbgemm, which needs
+    no export, without timing anything."""
+    loaded, pixels, tokens = small
+
+    def run(n_images, n_captions):
+        return autoprecision.auto_precision(loaded.model, "cpu", pixels, tokens, n_images, n_captions, "int8-test",
+                                            64, io.StringIO(), among=backends.INT8)
+    precision, prepared, line = run(24 * 8, 24 * 128)
+    assert (precision, prepared) == ("int8-fbgemm", None) and line.startswith("precision int8: int8-fbgemm (a short")
+    precision, prepared, line = run(10_000_000, 50_000_000)  # long: int8-ort's export is measured too
+    (entry,) = json.loads(autoprecision.record_path().read_text())["entries"].values()
+    assert set(entry) == {"fp32", *backends.INT8}
+    int8 = {k: autoprecision.projected_s(entry[k], 10_000_000, 50_000_000) for k in backends.INT8
+            if not entry[k]["struck"]}
+    assert precision == min(int8, key=int8.get) and line.startswith(f"precision int8: {precision} (")
+    assert precision in {type(prepared.visual).__name__ == "OnnxTrunk" and "int8-ort" or "int8-fbgemm"}
+    for name in backends.INT8:  # a record where neither is faithful: one line that names each one's reason
+        entry[name]["struck"] = "min cosine 0.98 < 0.999 to fp32"
+    autoprecision.write_record(autoprecision.record_key("cpu", "int8-test"), entry)
+    with pytest.raises(autoprecision.PrecisionError, match="int8-fbgemm min cosine 0.98.*use --precision fp32"):
+        run(10_000_000, 50_000_000)
 
 
 def test_calibrating_leaves_the_callers_model_as_open_clip_built_it(small):
@@ -93,7 +119,7 @@ def test_calibrating_leaves_the_callers_model_as_open_clip_built_it(small):
     before = {name: type(m) for name, m in model.named_modules()}
     assert torch.nn.MultiheadAttention in before.values()
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    _, prepared = bench.measure_paths(model, ["int8-fbgemm", "bf16"], "cpu", pixels[:2], tokens[:8], 64)
+    _, prepared = autoprecision.measure_paths(model, ["int8-fbgemm", "bf16"], "cpu", pixels[:2], tokens[:8], 64)
     assert {name: type(m) for name, m in model.named_modules()} == before
     assert model_mod.LinearSelfAttention in {type(m) for m in prepared["fp32"].modules()}
     # The copies share the caller's weights (model.sharing_copy) and leave them as they were: bf16's cast too.
@@ -106,18 +132,18 @@ def test_calibrating_leaves_the_callers_model_as_open_clip_built_it(small):
 
 
 def test_a_path_with_non_finite_features_is_struck_with_its_reason(small, monkeypatch):
-    monkeypatch.setattr(bench, "LONG_JOB_S", float("inf"))
-    prepare = model_mod.prepare
+    monkeypatch.setattr(autoprecision, "LONG_JOB_S", float("inf"))
+    prepare = backends.prepare
 
-    def broken_bf16(model, precision, device, compile=True):
-        q = prepare(model, precision, device, compile)
+    def broken_bf16(model, precision, device):
+        q = prepare(model, precision, device)
         if precision == "bf16":
             with torch.no_grad():
                 q.visual.ln_post.weight.fill_(float("nan"))
         return q
-    monkeypatch.setattr(model_mod, "prepare", broken_bf16)
+    monkeypatch.setattr(backends, "prepare", broken_bf16)
     precision, _, line = run_auto(small, 10_000_000, 50_000_000)
-    entry = next(iter(json.loads(bench.record_path().read_text())["entries"].values()))
+    entry = next(iter(json.loads(autoprecision.record_path().read_text())["entries"].values()))
     assert entry["bf16"]["struck"] == "non-finite features on the calibration batch"
     assert precision != "bf16" and "bf16 struck: non-finite" in line
 
@@ -125,18 +151,19 @@ def test_a_path_with_non_finite_features_is_struck_with_its_reason(small, monkey
 def test_a_path_that_fails_to_prepare_is_struck_with_the_line_that_says_why(small, monkeypatch):
     """A compiler's failure opens with "backend='inductor' raised:"; the reason, one line, is what the record and
     the bench show."""
-    monkeypatch.setattr(bench, "LONG_JOB_S", float("inf"))
-    prepare = model_mod.prepare
+    monkeypatch.setattr(autoprecision, "LONG_JOB_S", float("inf"))
+    prepare = backends.prepare
 
-    def failing_int8_fbgemm(model, precision, device, compile=True):
+    def failing_int8_fbgemm(model, precision, device):
         if precision == "int8-fbgemm":
             raise RuntimeError("backend='inductor' raised:\nCppCompileError: C++ compile error\n\nCommand:\ng++ x.cpp")
-        return prepare(model, precision, device, compile)
-    monkeypatch.setattr(model_mod, "prepare", failing_int8_fbgemm)
+        return prepare(model, precision, device)
+    monkeypatch.setattr(backends, "prepare", failing_int8_fbgemm)
     run_auto(small, 10_000_000, 50_000_000)
-    entry = next(iter(json.loads(bench.record_path().read_text())["entries"].values()))
+    entry = next(iter(json.loads(autoprecision.record_path().read_text())["entries"].values()))
     assert entry["int8-fbgemm"]["struck"] == "failed: CppCompileError: C++ compile error"
-    assert bench.first_reason(ValueError("one line")) == "one line" and bench.first_reason(KeyError()) == "KeyError"
+    assert autoprecision.first_reason(ValueError("one line")) == "one line"
+    assert autoprecision.first_reason(KeyError()) == "KeyError"
 
 
 @pytest.mark.parametrize("n, per_item, expected_calls", [(8, 3.0, [2]), (8, 1.5, [2, 8]), (8, None, [2, 8]),
@@ -155,29 +182,30 @@ def test_a_trunk_under_half_fp32s_rate_on_the_same_first_slice_is_timed_on_that_
         @staticmethod
         def perf_counter():
             return clock[0]
-    monkeypatch.setattr(bench, "time", FakeTime)
+    monkeypatch.setattr(autoprecision, "time", FakeTime)
 
     def run(k):
         calls.append(k)
         clock[0] += k * (per_item or 1.0)
         return torch.arange(k)
     first = expected_calls[0]
-    seconds, feats, first_s = bench.time_trunk(run, n, "cpu", None if per_item is None else first * 1.0)
+    seconds, feats, first_s = autoprecision.time_trunk(run, n, "cpu", None if per_item is None else first * 1.0)
     assert calls == expected_calls and first_s == pytest.approx(first * (per_item or 1.0))
     assert len(feats) == expected_calls[-1] and seconds == pytest.approx(expected_calls[-1] * (per_item or 1.0))
 
 
 def drive_clock(monkeypatch, seconds):
-    """Calibration timed by the test: every ``bench._timed`` of n items by the path being measured reads
+    """Calibration timed by the test: every ``autoprecision._timed`` of n items by the path being measured reads
     ``seconds(path, n)`` (the features are still computed); prepare is watched to know which path that is."""
     current = []
-    real_prepare, real_timed = model_mod.prepare, bench._timed
+    real_prepare, real_timed = backends.prepare, autoprecision._timed
 
     def prepare(model, name, *args, **kwargs):
         current.append(name)
         return real_prepare(model, name, *args, **kwargs)
-    monkeypatch.setattr(model_mod, "prepare", prepare)
-    monkeypatch.setattr(bench, "_timed", lambda fn, n, device: (seconds(current[-1], n), real_timed(fn, n, device)[1]))
+    monkeypatch.setattr(backends, "prepare", prepare)
+    monkeypatch.setattr(autoprecision, "_timed",
+                        lambda fn, n, device: (seconds(current[-1], n), real_timed(fn, n, device)[1]))
 
 
 @pytest.mark.parametrize("slice_per_item, stops", [(1.2, False), (2.5, True)])
@@ -191,7 +219,7 @@ def test_a_path_is_compared_with_fp32_on_the_same_slice_not_with_fp32s_whole_bat
     tokens = tokens[:48]  # slices of 2 images and 3 captions, whole batches of 8 and 48: each size tells its call
     per_item = {"fp32": (1.0, 0.5), "bf16": (slice_per_item, 0.4)}  # (on the first slice, on the whole batch)
     drive_clock(monkeypatch, lambda path, n: n * per_item[path][n in (len(pixels), len(tokens))])
-    measured, _ = bench.measure_paths(loaded.model, ["bf16"], "cpu", pixels, tokens, 64)
+    measured, _ = autoprecision.measure_paths(loaded.model, ["bf16"], "cpu", pixels, tokens, 64)
     assert measured["fp32"]["first_slice_s"] == pytest.approx([2.0, 3.0])
     assert (measured["bf16"]["timed_on"] != [len(pixels), len(tokens)]) == stops
 
@@ -206,10 +234,10 @@ def test_a_path_is_held_to_the_fastest_path_before_it_not_only_to_fp32(small, mo
     tokens = tokens[:48]
     per_item = {"fp32": 1.0, "int8-fbgemm": 0.4, "bf16": bf16_slice_per_item}
     drive_clock(monkeypatch, lambda path, n: n * per_item[path])
-    measured, _ = bench.measure_paths(loaded.model, ["int8-fbgemm", "bf16"], "cpu", pixels, tokens, 64)
+    measured, _ = autoprecision.measure_paths(loaded.model, ["int8-fbgemm", "bf16"], "cpu", pixels, tokens, 64)
     assert measured["int8-fbgemm"]["timed_on"] == [len(pixels), len(tokens)]
     assert (measured["bf16"]["timed_on"] == [2, 3]) == stops
-    assert bench.PATHS["cpu"].index("int8-fbgemm") < bench.PATHS["cpu"].index("bf16")
+    assert autoprecision.PATHS["cpu"].index("int8-fbgemm") < autoprecision.PATHS["cpu"].index("bf16")
 
 
 @pytest.mark.parametrize("job, bf16_image_per_item, text_stops", [(None, 3.0, False), ((1000, 100), 3.0, True),
@@ -225,7 +253,7 @@ def test_a_path_whose_images_alone_lose_the_job_stops_its_text_at_the_slice(smal
     tokens = tokens[:48]  # slices of 2 images and 3 captions: a size of 3 or 48 is text
     per_item = {"fp32": (1.0, 1.0), "int8-fbgemm": (0.4, 0.4), "bf16": (bf16_image_per_item, 0.7)}
     drive_clock(monkeypatch, lambda path, n: n * per_item[path][n in (3, len(tokens))])
-    measured, _ = bench.measure_paths(loaded.model, ["int8-fbgemm", "bf16"], "cpu", pixels, tokens, 64, job=job)
+    measured, _ = autoprecision.measure_paths(loaded.model, ["int8-fbgemm", "bf16"], "cpu", pixels, tokens, 64, job=job)
     assert measured["int8-fbgemm"]["timed_on"] == [len(pixels), len(tokens)]
     assert measured["bf16"]["timed_on"][1] == (3 if text_stops else len(tokens))
     assert measured["bf16"]["timed_on"][0] == (2 if bf16_image_per_item > 0.8 else len(pixels))
@@ -243,13 +271,13 @@ def test_a_trunk_is_timed_again_only_where_paths_come_close(monkeypatch, int8_im
     measured = {"fp32": entry(2.0, 10.0), "int8-fbgemm": entry(int8_image_rate, 40.0),
                 "bf16": entry(2.1, 11.0, timed_on=(2, 8)), "int8-ort": entry(2.3, 39.0, struck="min cosine")}
     calls = []
-    monkeypatch.setattr(bench, "_runners", lambda q, *args: (("image", q), ("text", q)))
+    monkeypatch.setattr(autoprecision, "_runners", lambda q, *args: (("image", q), ("text", q)))
 
     def timed(run, n, device):
         calls.append(run)
         return n / 2.5 if run[1] == "fp32" else n / 2.75, None
-    monkeypatch.setattr(bench, "_timed", timed)
-    bench.time_again_where_close(measured, {k: k for k in measured}, "cpu", torch.zeros(8, 3, 2, 2),
+    monkeypatch.setattr(autoprecision, "_timed", timed)
+    autoprecision.time_again_where_close(measured, {k: k for k in measured}, "cpu", torch.zeros(8, 3, 2, 2),
                                  torch.zeros(128, 77, dtype=torch.long), 64)
     assert calls == timed_again
     if timed_again:
@@ -265,47 +293,47 @@ def test_a_path_already_prepared_and_run_is_not_warmed_up_again(small, monkeypat
     sizes = []
     real = model_mod.image_features
     monkeypatch.setattr(model_mod, "image_features", lambda q, px: sizes.append(len(px)) or real(q, px))
-    _, q, _ = bench.measure_path(loaded.model, "fp32", "cpu", pixels, tokens[:16], 64)
+    _, q, _ = autoprecision.measure_path(loaded.model, "fp32", "cpu", pixels, tokens[:16], 64)
     assert sizes == [2, 2, 8]
     sizes.clear()
-    bench.measure_path(loaded.model, "fp32", "cpu", pixels, tokens[:16], 64, prepared=(q, 0.0))
+    autoprecision.measure_path(loaded.model, "fp32", "cpu", pixels, tokens[:16], 64, prepared=(q, 0.0))
     assert sizes == [2, 8]
 
 
 def test_auto_prepares_fp32_once_for_its_tiny_timing_and_its_calibration(small, monkeypatch):
-    monkeypatch.setattr(bench, "LONG_JOB_S", float("inf"))
+    monkeypatch.setattr(autoprecision, "LONG_JOB_S", float("inf"))
     prepared = []
-    real_prepare = model_mod.prepare
+    real_prepare = backends.prepare
 
     def prepare(model, name, *args, **kwargs):
         prepared.append(name)
         return real_prepare(model, name, *args, **kwargs)
-    monkeypatch.setattr(model_mod, "prepare", prepare)
+    monkeypatch.setattr(backends, "prepare", prepare)
     run_auto(small, 10_000_000, 50_000_000)
     assert prepared.count("fp32") == 1 and "int8-fbgemm" in prepared
 
 
 @pytest.mark.parametrize("damage", ["broken json", "other machine", "other torch", "older paths"])
 def test_a_damaged_or_stale_record_is_ignored_with_a_note(small, monkeypatch, damage):
-    monkeypatch.setattr(bench, "LONG_JOB_S", float("inf"))
-    path = bench.record_path()
+    monkeypatch.setattr(autoprecision, "LONG_JOB_S", float("inf"))
+    path = autoprecision.record_path()
     path.parent.mkdir(parents=True)
     fake = {"fp32": {"image_rate": 1.0, "caption_rate": 1.0, "setup_s": 0.0, "cos_image": 1.0, "cos_text": 1.0,
                      "struck": ""}}
     fake["bf16"] = fake["int8-fbgemm"] = {**fake["fp32"], "image_rate": 1000.0, "caption_rate": 1000.0}
-    key = json.loads(bench.record_key("cpu", "small-test"))
+    key = json.loads(autoprecision.record_key("cpu", "small-test"))
     if damage == "broken json":
         path.write_text('{"version": 1, "entries": {')
     else:  # "older paths": measured before a change that moved the paths' speeds
         field, value = {"other machine": ("cpu", "something else"), "other torch": ("torch", "something else"),
-                        "older paths": ("paths", bench.PATHS_REVISION - 1)}[damage]
+                        "older paths": ("paths", autoprecision.PATHS_REVISION - 1)}[damage]
         key["machine"][field] = value
         path.write_text(json.dumps({"version": 1, "entries": {json.dumps(key, sort_keys=True): fake}}))
     log = io.StringIO()
     precision, _, line = run_auto(small, 10_000_000, 50_000_000, log)
     assert "measuring" in log.getvalue() and "calibrated in" in line  # measured, not read
     entries = json.loads(path.read_text())["entries"]
-    assert bench.record_key("cpu", "small-test") in entries
+    assert autoprecision.record_key("cpu", "small-test") in entries
 
 
 def test_extract_auto_records_the_concrete_precision_and_a_resume_keeps_it(shapes, tmp_path):
@@ -329,12 +357,12 @@ def test_extract_auto_records_the_concrete_precision_and_a_resume_keeps_it(shape
 
 
 def test_int8_fbgemm_is_faithful_on_the_real_architecture(extracted, reference_model):
-    """torch.ao's fbgemm int8 (kept as the no-compile int8 path) against fp32 on a random-init ViT-B/32."""
+    """torch.ao's fbgemm int8 against fp32 on a random-init ViT-B/32."""
     import copy
     loaded = reference_model
     m = copy.deepcopy(loaded.model)
     model_mod.take_heads(m)
-    q = model_mod.prepare(copy.deepcopy(m), "int8-fbgemm", "cpu")
+    q = backends.prepare(copy.deepcopy(m), "int8-fbgemm", "cpu")
     px = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     tokens = loaded.tokenizer(["a dog runs on the beach", "two people sit near the water ."])
     cos = torch.nn.functional.cosine_similarity
@@ -344,36 +372,15 @@ def test_int8_fbgemm_is_faithful_on_the_real_architecture(extracted, reference_m
     assert float(cos(a, b).min()) > 0.99 and np.isfinite(a.numpy()).all()
     # The last block's out_proj and MLP run at one position per image or caption: they stay fp32, the rest is int8
     # (in the text trunk, the attention's input projection only where activations take their full range).
-    dynamic = {name for name, module in q.named_modules() if isinstance(module, model_mod.Int8Linear)}
+    dynamic = {name for name, module in q.named_modules() if isinstance(module, backends.Int8Linear)}
     for trunk in ("visual.transformer", "transformer"):
         assert not any(name.startswith(f"{trunk}.resblocks.11.") and ".in_proj" not in name for name in dynamic)
         assert f"{trunk}.resblocks.10.mlp.c_fc" in dynamic
     assert "visual.transformer.resblocks.11.attn.in_proj" in dynamic
-    assert ("transformer.resblocks.0.attn.in_proj" in dynamic) == model_mod.fbgemm_full_range()
+    assert ("transformer.resblocks.0.attn.in_proj" in dynamic) == backends.fbgemm_full_range()
     assert "transformer.resblocks.0.attn.out_proj" not in dynamic
-    full = model_mod.fbgemm_full_range()
+    full = backends.fbgemm_full_range()
     assert all(module.reduce_range != full for name, module in q.named_modules() if name in dynamic)
-
-
-def test_int8_fbgemm_packs_every_layer_as_one_layer_alone_would(reference_model):
-    """quantize_int8_fbgemm quantizes its layers on several threads: each comes out packed to the bit as Int8Linear
-    packs that layer on its own."""
-    import copy
-    m = copy.deepcopy(reference_model.model)
-    model_mod.take_heads(m)
-    q = model_mod.prepare(copy.deepcopy(m), "int8-fbgemm", "cpu")
-    model_mod.linear_attention(m.visual)
-    model_mod.linear_attention(m.transformer, where_it_fits=True)
-
-    def unpacked(layer):
-        weight, bias = torch.ops.quantized.linear_unpack(layer.packed)
-        return weight.int_repr(), weight.q_per_channel_scales(), bias
-
-    layers = [(name, module) for name, module in q.named_modules() if isinstance(module, model_mod.Int8Linear)]
-    assert len(layers) > 40
-    for name, layer in layers:
-        alone = model_mod.Int8Linear(m.get_submodule(name), not layer.reduce_range)
-        assert all(torch.equal(a, b) for a, b in zip(unpacked(layer), unpacked(alone))), name
 
 
 @pytest.mark.parametrize("full_range", [False, True])
@@ -394,21 +401,20 @@ def test_int8_linear_is_what_torch_ao_quantize_dynamic_builds_to_the_bit(full_ra
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = nnqd.Linear.from_float(linear)
-        ours = model_mod.Int8Linear(linear, full_range)
+        ours = backends.Int8Linear(linear, full_range)
         want = (torch.ops.quantized.linear_dynamic(x, theirs._packed_params._packed_params, reduce_range=False)
                 if full_range else theirs(x))
         assert torch.equal(torch.ops.quantized.linear_unpack(ours.packed)[0].int_repr(),
                            theirs.weight().int_repr())
     assert torch.equal(ours(x), want)
-    assert not torch.equal(ours(x), model_mod.Int8Linear(linear, not full_range)(x))  # the range is its own
+    assert not torch.equal(ours(x), backends.Int8Linear(linear, not full_range)(x))  # the range is its own
 
 
 def test_fbgemm_takes_full_range_activations_only_where_its_products_do_not_saturate():
     """fbgemm_full_range measures the kernel: on fbgemm's AVX2 and plain AVX-512 kernels (FBGEMM_ENABLE_INSTRUCTIONS
     holds it to them) a product of full-range activations saturates its 16-bit pair sums, and int8-fbgemm keeps
     7-bit activations; on this CPU's own kernels it answers as it measures. Each in a fresh process."""
-    code = ("import model\n"
-            "print(model.fbgemm_full_range())\n")
+    code = "from finetune_clip import backends; print(backends.fbgemm_full_range())"
 
     def ask(isa):
         env = {k: v for k, v in os.environ.items() if k != "FBGEMM_ENABLE_INSTRUCTIONS"}
@@ -417,7 +423,7 @@ def test_fbgemm_takes_full_range_activations_only_where_its_products_do_not_satu
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
                               cwd=ROOT).stdout.strip()
     assert ask("AVX2") == "False" and ask("AVX512") == "False"
-    assert ask("") == str(model_mod.fbgemm_full_range())
+    assert ask("") == str(backends.fbgemm_full_range())
 
 
 def test_bench_ends_with_the_recommendation_and_fills_the_record(shapes, monkeypatch):
@@ -430,4 +436,4 @@ def test_bench_ends_with_the_recommendation_and_fills_the_record(shapes, monkeyp
     assert lines[-1].startswith("recommended: --precision ") and "24 images, 120 captions" in lines[-1]
     for path in ("fp32", "bf16", "int8-fbgemm"):
         assert any(ln.startswith(path + " ") for ln in lines), path
-    assert bench.record_path().exists()
+    assert autoprecision.record_path().exists()

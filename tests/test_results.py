@@ -9,9 +9,9 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import cache
-import cli
-import probe
+from finetune_clip import cache
+from finetune_clip import cli
+from finetune_clip import probe
 from conftest import make_synthetic_cache
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-import cache
+from finetune_clip import cache
 import forked
 
 ROOT = Path(__file__).resolve().parents[1]

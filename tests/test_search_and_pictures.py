@@ -9,11 +9,11 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import cache
-import cli
-import model as model_mod
-import probe
-import report
+from finetune_clip import cache
+from finetune_clip import cli
+from finetune_clip import extract
+from finetune_clip import probe
+from finetune_clip import report
 from conftest import make_synthetic_cache
 
 
@@ -93,9 +93,23 @@ def test_without_matplotlib_they_say_how_to_get_pictures(tmp_path, monkeypatch):
 def test_queries_go_through_the_caches_own_trunk(extracted, reference_model):
     """Query features times the cached text head equal open_clip's encode_text with the cache's model."""
     c = cache.load(extracted.cache)
-    feats = model_mod.encode_queries(c.attrs, ["a red circle", "two dogs play in the snow"])
+    feats = extract.encode_queries(c.attrs, ["a red circle", "two dogs play in the snow"])
     with torch.no_grad():
         want = reference_model.model.encode_text(reference_model.tokenizer(["a red circle",
                                                                              "two dogs play in the snow"]))
     got = torch.from_numpy(feats @ c.heads["text_projection"])
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
+def test_a_cache_of_the_removed_torchao_int8_still_evaluates_and_search_says_why(tmp_path):
+    """Caches extracted with `--precision int8` before it meant int8-fbgemm or int8-ort hold torchao's features: probe
+    and eval read them from the cache alone; search, which must run the same text trunk, refuses in one line."""
+    path = make_synthetic_cache(tmp_path / "old_int8.h5", precision="int8")
+    out = CliRunner().invoke(cli.cli, ["eval", "--cache", str(path), "--baseline-only", "--out",
+                                       str(tmp_path / "r.json")])
+    assert out.exit_code == 0, out.output
+    out = CliRunner().invoke(cli.cli, ["search", "--cache", str(path), "a red circle"])
+    assert out.exit_code == 1
+    assert out.output.strip().splitlines()[-1] == (
+        "Error: this cache was extracted with --precision int8, which this version cannot run to encode queries; "
+        "extract it again with --precision int8 (or fp32) into another --cache")

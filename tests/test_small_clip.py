@@ -7,12 +7,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import cache
-import cli
-import data
-import model as model_mod
-import probe
-import worlds
+from finetune_clip import cache
+from finetune_clip import cli
+from finetune_clip import data
+from finetune_clip import extract
+from finetune_clip import model as model_mod
+from finetune_clip import probe
+from finetune_clip import worlds
 from conftest import SMALL_CLIP
 
 
@@ -107,7 +108,7 @@ def test_zero_shot_works_on_the_shifted_world_and_the_probe_adds_to_it(small_ext
 def _top5_carry(c, heads, scenes, queries):
     """Per query, how many of the top 5 images show the queried colour and shape."""
     truth = scenes.set_index("image")
-    feats = model_mod.encode_queries(c.attrs, [q for q, _, _ in queries])
+    feats = extract.encode_queries(c.attrs, [q for q, _, _ in queries])
     hits = []
     for f, (_, colour, shape) in zip(feats, queries):
         top = probe.search(c, heads, f, 5)

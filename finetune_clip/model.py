@@ -10,7 +10,6 @@ own towers return the pre-projection features the cache stores; features times h
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import json
 import logging
@@ -18,7 +17,6 @@ import os
 import socket
 import tempfile
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +26,6 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-CAST = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # weights cast to a dtype
-# int8 paths quantize instead: torchao (compiled where its kernels agree), torch.ao's fbgemm kernels, or
-# ONNX Runtime (onnx_int8.py: exported and quantized once per model, kept on disk).
-INT8 = ("int8", "int8-fbgemm", "int8-ort")
-PRECISIONS = (*CAST, *INT8)
 
 
 class ModelError(RuntimeError):
@@ -313,20 +306,20 @@ def last_block_at(transformer: torch.nn.Module, x: torch.Tensor, at: torch.Tenso
     return h[:, 0]
 
 
-def prepare(model: torch.nn.Module, precision: str, device, compile: bool = True) -> torch.nn.Module:
-    """The headless model in the precision extraction runs it in (int8: see quantize_int8)."""
-    if precision == "int8":
-        return quantize_int8(model, compile)
-    if precision == "int8-fbgemm":
-        return quantize_int8_fbgemm(model)
-    if precision == "int8-ort":
-        from onnx_int8 import quantize_int8_ort
-        return quantize_int8_ort(model)
-    # Attention as two Linear layers: MultiheadAttention hands its input projection a length-first view, which
-    # F.linear cannot fold into one matrix product, so every block ran one small product per position against the
-    # weight expanded per position (bf16 on a CPU copied that expansion: 0.35x fp32 on 8 captions on an AMX Xeon).
-    model = linear_attention(model, where_it_fits=True).to(device=device, dtype=CAST[precision])
-    return in_place_activations(model) if CAST[precision] == torch.float32 else model
+def encode_window(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    """Text features of a window of captions: sorted by length, encoded in batches of similar length.
+
+    Small batches keep each batch's lengths close, so little of the work is padding (text_features runs each batch
+    only as far as its longest caption).
+    """
+    order = torch.argsort(tokens.argmax(dim=-1), stable=True).to(device)
+    out = torch.empty(len(tokens), model.ln_final.normalized_shape[0], device=device)
+    tokens = tokens.to(device, non_blocking=True)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        with torch.no_grad():
+            out[idx] = text_features(model, tokens[idx])
+    return out
 
 
 def sharing_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -335,22 +328,12 @@ def sharing_copy(model: torch.nn.Module) -> torch.nn.Module:
     prepare replaces modules (attention as two Linear layers, quantized layers, ONNX Runtime trunks) and casts
     parameters by assigning new data to them; it never writes into a weight's storage. So each parameter of the copy
     is a new Parameter over the same storage: a cast or a replaced module in the copy leaves ``model`` as it was
-    (tests prove it for every path). ``--precision auto`` calibrates every path on such a copy: a deepcopy's fresh
-    weights (600 MB for ViT-B/32) took 1.04, 0.77 and 0.32 s to page in for a first calibration's three paths (an
-    Intel Xeon with AVX-512 VNNI and BF16, its AMX refused, 2 cores).
+    (tests prove it for every path). Calibration prepares every path on such a copy, where a deepcopy would page in
+    fresh weights (600 MB for ViT-B/32) for each.
     """
     memo = {id(p): torch.nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in model.parameters()}
     memo.update({id(b): b.detach() for b in model.buffers()})
     return copy.deepcopy(model, memo)
-
-
-def encode_queries(info: dict, queries: list[str]) -> np.ndarray:
-    """Pre-projection features of free-text queries, from the same trunk and precision as the cache."""
-    loaded = load_like_cache(info)
-    take_heads(loaded.model)
-    net = prepare(loaded.model, str(info.get("precision", "fp32")), "cpu", compile=False)  # a few queries
-    with torch.no_grad():
-        return text_features(net, loaded.tokenizer(queries)).numpy()
 
 
 class LinearSelfAttention(torch.nn.Module):
@@ -395,8 +378,7 @@ class LinearSelfAttention(torch.nn.Module):
 
 def _linear_over(weight: torch.Tensor, bias: torch.Tensor) -> torch.nn.Linear:
     """An ``nn.Linear`` whose parameters are new Parameters over ``weight``'s and ``bias``'s storage: nothing is
-    initialised at random only to be overwritten, nothing copied (0.15 s of random numbers and the attention's
-    weights paged in afresh, for each prepare of ViT-B/32 on that Xeon)."""
+    initialised at random only to be overwritten, nothing copied."""
     layer = torch.nn.Linear(weight.shape[1], weight.shape[0], device="meta")
     layer.weight = torch.nn.Parameter(weight.detach(), requires_grad=weight.requires_grad)
     layer.bias = torch.nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
@@ -412,194 +394,3 @@ def linear_attention(model: torch.nn.Module, where_it_fits: bool = False) -> tor
             if mha and (not where_it_fits or LinearSelfAttention.fits(child)):
                 setattr(parent, name, LinearSelfAttention(child))
     return model
-
-
-class InPlaceActivation(torch.nn.Module):
-    """An MLP's GELU or QuickGELU computed into its input, the hidden layer's output, which nothing else holds.
-
-    The same arithmetic, bit for bit (tests compare), without a second tensor of the hidden layer's size (39 MB for
-    a 64-image batch of ViT-B/32, written and read back at every block). A small gain, measured with
-    `tools/in_place_ab.py` (random-init ViT-B/32 with QuickGELU, an Intel Xeon with AVX-512 VNNI, BF16 and AMX, 2
-    threads): with AMX refused, int8-fbgemm images 1.01-1.05x and captions 0.98-1.05x as fast as with open_clip's
-    activations (four runs), fp32 1.02-1.07x and 1.02-1.06x (two); as lent, int8-fbgemm 1.05x and 1.06x, fp32 1.01x
-    and 1.01x (one), but bf16 0.95-1.05x and 0.96-0.99x (three), so prepare uses it where activations are fp32 only.
-    Where autograd needs the input (a trunk being trained), it runs out of place.
-    """
-
-    def __init__(self, activation: torch.nn.Module):
-        super().__init__()
-        self.activation = activation
-
-    @staticmethod
-    def fits(module: torch.nn.Module) -> bool:
-        return type(module) in (torch.nn.GELU, open_clip.transformer.QuickGELU)
-
-    def forward(self, x):
-        if torch.is_grad_enabled() and x.requires_grad:
-            return self.activation(x)
-        if isinstance(self.activation, torch.nn.GELU):
-            return torch.ops.aten.gelu_(x, approximate=self.activation.approximate)
-        return x.mul_(torch.mul(x, 1.702).sigmoid_())  # QuickGELU: x * sigmoid(1.702 * x)
-
-
-def in_place_activations(model: torch.nn.Module) -> torch.nn.Module:
-    """Every transformer MLP's activation (open_clip's Sequential c_fc, gelu, ...) as InPlaceActivation, in place."""
-    for module in list(model.modules()):
-        if isinstance(module, torch.nn.Sequential) and list(dict(module.named_children()))[:2] == ["c_fc", "gelu"] \
-                and InPlaceActivation.fits(module.gelu):
-            module.gelu = InPlaceActivation(module.gelu)
-    return model
-
-
-def quantize_int8(model: torch.nn.Module, compile: bool = True) -> torch.nn.Module:
-    """Dynamic int8 (torchao) for every linear layer of both trunks: weights per output channel,
-    activations per token at run time. The patch embedding, norms and attention scores stay fp32.
-
-    torchao's fast int8 kernels come from ``torch.compile``. ``make bench`` on an AVX-512 VNNI CPU:
-    compiled 3.9-4.8x fp32, eager 2.9-3.0x; with torch held to AVX2 code paths the compiled kernels
-    disagree (see _compiled_agrees) and eager runs 1.2-1.6x. Compiling costs tens of seconds once per process
-    (shapes are dynamic, so caption lengths do not recompile); ``compile=False`` skips it for a
-    handful of search queries.
-    """
-    _quiet_compiler()
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
-    model = linear_attention(model.float())
-    quantize_(model, Int8DynamicActivationInt8WeightConfig())
-    model.int8_kernels = "eager"
-    if compile:
-        eager = (model.visual, model.transformer)
-        model.visual = torch.compile(model.visual, dynamic=True)
-        model.transformer = torch.compile(model.transformer, dynamic=True)
-        model.int8_kernels = "compiled"
-        if not _compiled_agrees(model, *eager):
-            # Seen with inductor's AVX2 code for these kernels (ATEN_CPU_CAPABILITY=avx2): NaN in half the
-            # outputs. Eager torchao computes the same quantization correctly, only slower.
-            model.visual, model.transformer = eager
-            model.int8_kernels = "eager: the compiled int8 kernels disagreed with eager ones on this CPU"
-    return model
-
-
-@torch.no_grad()
-def _compiled_agrees(model, eager_visual, eager_transformer) -> bool:
-    """Run both compiled trunks once (this is also their compile) against eager torchao on fixed inputs."""
-    gen = torch.Generator().manual_seed(0)
-    size = model.visual.conv1.weight.shape[-1] * model.visual.grid_size[0]
-    px = torch.randn(2, 3, size, size, generator=gen)
-    width = model.token_embedding.weight.shape[1]
-    x = torch.randn(2, 9, width, generator=gen)
-    mask = model.attn_mask[:9, :9]
-    pairs = ((model.visual(px), eager_visual(px)),
-             (model.transformer(x, attn_mask=mask), eager_transformer(x, attn_mask=mask)))
-    return all(bool(torch.isfinite(a).all()) and float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0)) > 0.999
-               for a, b in pairs)
-
-
-def quantize_int8_fbgemm(model: torch.nn.Module) -> torch.nn.Module:
-    """Dynamic int8 on torch.ao's fbgemm kernels (Int8Linear, what ``quantize_dynamic`` builds): weights per
-    output channel, activations per batch at run time. In the image trunk every linear layer (its
-    attention as two Linear layers, see LinearSelfAttention). In the text trunk, where fbgemm's products are exact
-    with activations over their full 8-bit range (``fbgemm_full_range``: a CPU with VNNI), the attention's input
-    projection and the MLPs; elsewhere the MLPs alone, with 7-bit activations. Attention scores, the patch
-    embedding, the token embedding and the norms stay fp32, and so do the last block's out_proj and MLP, which run
-    at one position per image or caption (last_block_at).
-
-    Why the text trunk keeps some of its attention in fp32 (random-init ViT-B/32, min cosine of text features to
-    fp32 on 256 Flickr-length captions, an Intel Xeon with VNNI): with 7-bit activations the MLPs alone gave 0.99904
-    and any attention layer more fell below 0.999 (0.99828 with the input projection). With 8-bit activations the
-    MLPs gave 0.99964, with the input projection 0.99931 (text 1.99x fp32 against 1.52x), and with out_proj as well
-    0.99907, too near the line for a model with larger activations (2.20x). torch.ao's quantized kernels are
-    deprecated in favour of torchao, and are kept as a fallback for one measured reason: they need no compile, where
-    eager torchao ran 0.05x fp32 on an AVX2-only EPYC and 1.25x on that Xeon's text, and compiled torchao costs about a
-    minute of compile first. ``--precision auto`` takes it only where it measures fastest and faithful.
-    """
-    model = in_place_activations(model.float())
-    linear_attention(model.visual)
-    linear_attention(model.transformer, where_it_fits=True)  # folded as in prepare; its in_proj quantized below
-    full = fbgemm_full_range()
-    # The last block's out_proj and MLP run at one position per image or caption (last_block_at): int8 would save
-    # nothing there and add its noise, so they stay fp32.
-    at_one_position = tuple(f"{prefix}resblocks.{len(t.resblocks) - 1}.{part}" for prefix, t in
-                            (("visual.transformer.", model.visual.transformer), ("transformer.", model.transformer))
-                            for part in ("attn.out_proj", "mlp."))
-    text_layers = (".mlp.", ".attn.in_proj") if full else (".mlp.",)
-    layers = [name for name, module in model.named_modules()
-              if isinstance(module, torch.nn.Linear) and not name.startswith(at_one_position)
-              and (name.startswith("visual.") or any(part in name for part in text_layers))]
-    # In place: the caller's model is this path's own (linear_attention has rewritten it). One layer per thread:
-    # quantize_per_channel and linear_prepack run on one core each, and preparing ViT-B/32 (79 layers) took 0.90 s
-    # with them one after another, 0.53-0.56 s on two threads (tools/calibration_steps.py's "prepare", an Intel Xeon
-    # with AVX-512 VNNI and AMX refused, 2 cores), every layer packed the same to the bit.
-    owners = [(model.get_submodule(parent), leaf) for parent, _, leaf in (name.rpartition(".") for name in layers)]
-    with ThreadPoolExecutor(torch.get_num_threads()) as pool:
-        quantized = list(pool.map(lambda owned: Int8Linear(getattr(*owned), full), owners))
-    for (owner, leaf), layer in zip(owners, quantized):
-        setattr(owner, leaf, layer)
-    model.int8_kernels = ("fbgemm (torch.ao's dynamic int8 kernels): image trunk all linear layers, text trunk "
-                          + ("MLPs and attention input projections, 8-bit activations" if full
-                             else "MLPs, 7-bit activations"))
-    return model
-
-
-@functools.cache
-def fbgemm_full_range() -> bool:
-    """Whether fbgemm's int8 products are exact on this CPU with activations over their full 8-bit range.
-
-    Without VNNI, fbgemm multiplies unsigned activations by signed weights in pairs summed into 16 bits with
-    saturation (vpmaddubsw), which 255 x 127 x 2 overflows: that is why torch.ao quantizes activations to 7 bits on
-    x86 (reduce_range). With VNNI the pairs sum into 32 bits and the full range is exact. Measured, not read from the
-    CPU's flags: one product in which every pair would saturate (it reads 32.4 instead of 64 where it does), against
-    its exact value.
-    """
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # quantized tensors are deprecated along with torch.ao.quantization
-        try:
-            weight = torch.quantize_per_channel(torch.ones(8, 64), torch.full((8,), 1 / 127, dtype=torch.double),
-                                                torch.zeros(8, dtype=torch.long), 0, torch.qint8)
-            packed = torch.ops.quantized.linear_prepack(weight, None)
-            out = torch.ops.quantized.linear_dynamic(torch.ones(4, 64), packed, reduce_range=False)
-        except RuntimeError:  # a quantized engine without these kernels: torch.ao's own 7-bit path, as before
-            return False
-    return bool(torch.allclose(out, torch.full_like(out, 64.0), rtol=1e-3))
-
-
-class Int8Linear(torch.nn.Module):
-    """``linear`` as fbgemm's dynamic int8 product: weights quantized once per output channel (symmetric, as torch.ao's
-    per_channel_dynamic_qconfig does), activations per batch at run time over 8 bits (``full_range``, where
-    fbgemm_full_range measured it exact) or 7.
-
-    What torch.ao's quantize_dynamic builds (nnqd.Linear; tests compare them bitwise), built directly: nnqd.Linear
-    first packs a placeholder weight of the layer's full size and then the real one, and its forward asks for 7-bit
-    activations on every CPU. Packing once saves 0.2 s of ViT-B/32's quantizing (cProfile on an Intel Xeon with
-    AVX-512 VNNI, AMX refused: 0.37 s of packing, not 0.59).
-    """
-
-    def __init__(self, linear: torch.nn.Linear, full_range: bool):
-        super().__init__()
-        import warnings
-        from torch.ao.quantization.observer import PerChannelMinMaxObserver
-        weight = linear.weight.detach().float()
-        observer = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
-        observer(weight)
-        scale, zero_point = observer.calculate_qparams()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # quantized tensors are deprecated along with torch.ao.quantization
-            qweight = torch.quantize_per_channel(weight, scale.double(), zero_point.long(), 0, torch.qint8)
-            self.packed = torch.ops.quantized.linear_prepack(qweight, linear.bias)
-        self.reduce_range = not full_range
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-
-    def forward(self, x):
-        return torch.ops.quantized.linear_dynamic(x, self.packed, reduce_range=self.reduce_range).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"activations={'7' if self.reduce_range else '8'}-bit")
-
-
-def _quiet_compiler() -> None:
-    """Three messages torchao and inductor print on every CPU run that say nothing a user can act on."""
-    import warnings
-    for name in ("torch.utils._pytree", "torch.utils.cpp_extension"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*does not implement _stable_hash_for_caching.*")

@@ -22,7 +22,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-import data
+from . import data
 
 SOI, EOI = b"\xff\xd8", b"\xff\xd9"
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from atomic import replacing
+from .atomic import replacing
 
 PENDING, DONE, FAILED = 0, 1, 2
 # HDF5's own per-chunk checksum on every numeric dataset: a flipped byte fails the read

@@ -2,12 +2,12 @@
 this project has met, or with ``--avx-vnni`` as on one that adds AVX-VNNI (VNNI on 256-bit registers: Intel's
 Core processors from the 12th generation on, whose AVX-512 is off): a measurement aid.
 
-    .venv/bin/python tools/avx2_only.py .venv/bin/python cli.py bench --model ViT-B-32 --pretrained none
-    .venv/bin/python tools/avx2_only.py --avx-vnni .venv/bin/python tools/int8_text_pairs.py 20
-    .venv/bin/python tools/avx2_only.py [--avx-vnni] --check
+    .venv/bin/python benchmarks/avx2_only.py .venv/bin/python cli.py bench --model ViT-B-32 --pretrained none
+    .venv/bin/python benchmarks/avx2_only.py --avx-vnni .venv/bin/python benchmarks/int8_text_pairs.py 20
+    .venv/bin/python benchmarks/avx2_only.py [--avx-vnni] --check
 
 Every library here picks its kernels from CPUID: torch's ATen and fbgemm (through cpuinfo), oneDNN, MKL and
-ONNX Runtime's MLAS. This compiles tools/cpuid_mask.c (a C compiler is needed, once: the library is kept under
+ONNX Runtime's MLAS. This compiles benchmarks/cpuid_mask.c (a C compiler is needed, once: the library is kept under
 $XDG_CACHE_HOME) and runs the command with it preloaded, which makes CPUID fault (Linux's CPUID faulting, the
 ``cpuid_fault`` flag) and answers it with those features cleared, in the command and every process it starts.
 Environment variables can hold torch, oneDNN, MKL and fbgemm to AVX2 (ATEN_CPU_CAPABILITY=avx2 and the like), but
@@ -35,9 +35,9 @@ AVX_VNNI_MASK = AVX2_MASK.replace("1.a=a00030", "1.a=a00020")  # AVX-VNNI (suble
 GLIBC_AVX2 = "glibc.cpu.hwcaps=-AVX512F,-AVX512DQ,-AVX512CD,-AVX512BW,-AVX512VL"  # what its string functions use
 
 CHECK = """
-import torch, model, onnx_int8
+import torch; from finetune_clip import backends, onnx_int8
 print("torch ATen kernels:", torch.backends.cpu.get_cpu_capability())
-print("fbgemm int8 activations:", "8-bit (VNNI: exact at full range)" if model.fbgemm_full_range()
+print("fbgemm int8 activations:", "8-bit (VNNI: exact at full range)" if backends.fbgemm_full_range()
       else "7-bit (no VNNI: full range saturates)")
 print("ONNX Runtime u8 x s8:", "exact (VNNI)" if onnx_int8.signed_weights_exact() else "saturates (no VNNI)")
 """

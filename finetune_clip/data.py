@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from atomic import replacing
+from .atomic import replacing
 
 SPLITS = ("train", "val", "test")
 FORMATS = ("csv", "kaggle", "karpathy", "hf")
@@ -308,7 +308,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image fully and return it as RGB, or raise ImageLoadError.
 
     PIL opens lazily, so a truncated file fails only on ``load()``: it is forced
-    here, inside the guard. Mode policy (see README): EXIF orientation applied;
+    here, inside the guard. Mode policy (docs/data-formats.md): EXIF orientation applied;
     transparency composited on white; 16-bit and float greyscale rescaled to 8 bits;
     CMYK, palette and greyscale converted by PIL. An ordinary RGB file goes through
     untouched, so open_clip's own preprocessing sees the same pixels.

@@ -1,7 +1,7 @@
 """Run a Python script or module as on a CPU whose AMX the kernel does not grant: a measurement aid.
 
-    .venv/bin/python tools/no_amx.py cli.py bench --model ViT-B-32 --pretrained none
-    .venv/bin/python tools/no_amx.py -m pytest tests/test_precision.py
+    .venv/bin/python benchmarks/no_amx.py cli.py bench --model ViT-B-32 --pretrained none
+    .venv/bin/python benchmarks/no_amx.py -m pytest tests/test_precision.py
 
 Linux gives a process AMX's tile registers only after it asks (``arch_prctl(ARCH_REQ_XCOMP_PERM,
 XFEATURE_XTILEDATA)``), and every library that uses AMX asks first and falls back to AVX-512 when refused: oneDNN

@@ -24,8 +24,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-import cache as cache_mod
-from atomic import replacing
+from . import cache as cache_mod
+from .atomic import replacing
 
 
 def project(c: cache_mod.Cache, visual_proj: torch.Tensor, text_projection: torch.Tensor):

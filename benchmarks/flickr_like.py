@@ -1,9 +1,9 @@
 """A Flickr30k-like synthetic collection: JPEGs of 500x375 or 375x500 (about 67 KiB, photo-like), 5 captions each
 of Flickr-like length, and a split column. N = 31,783 is Flickr30k's size; 16 cores make it in about 40 s.
 
-    python tools/flickr_like.py OUT N     (OUT/images/*.jpg and OUT/ann.csv)
+    python benchmarks/flickr_like.py OUT N     (OUT/images/*.jpg and OUT/ann.csv)
 
-From ../shared/gpu/make_flickr_like.py, made importable so that tools/gpu_check.py and bench.py can build it
+From ../shared/gpu/make_flickr_like.py, made importable so that benchmarks/gpu_check.py and bench.py can build it
 wherever they run (the device machine sees only the repository).
 """
 import os

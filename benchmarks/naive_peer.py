@@ -1,9 +1,9 @@
-"""What a GPU user writes without this project (clip-retrieval style), the baseline tools/gpu_check.py runs beside
+"""What a GPU user writes without this project (clip-retrieval style), the baseline benchmarks/gpu_check.py runs beside
 the project: a DataLoader with workers, batch 256, open_clip's encode_image / encode_text at the full context,
 features back to the host. Prints one JSON line of timings. From ../shared/gpu/naive_peer.py, with a device and a
 model argument so that it also runs on a CPU with tiny sizes.
 
-    python tools/naive_peer.py ANN IMAGES fp32|bf16 WORKERS [DEVICE] [MODEL]
+    python benchmarks/naive_peer.py ANN IMAGES fp32|bf16 WORKERS [DEVICE] [MODEL]
 """
 import json
 import sys
@@ -21,8 +21,7 @@ def main():
     device = sys.argv[5] if len(sys.argv) > 5 else "cuda"
     name = sys.argv[6] if len(sys.argv) > 6 else "ViT-B-32"
     if name.endswith(".json"):
-        sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-        import model as model_mod
+        from finetune_clip import model as model_mod
         name = model_mod.register_config(name)[0]
     model, _, pre = open_clip.create_model_and_transforms(name, pretrained=None)
     model = model.to(device).eval()

@@ -24,12 +24,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-import cache as cache_mod
-import data
-import jpeg
-import model as model_mod
-import shards
-from atomic import replacing
+from . import autoprecision, backends, data, jpeg, shards
+from . import cache as cache_mod
+from . import model as model_mod
+from .atomic import replacing
+
+# What --precision takes: every concrete precision (backends.PRECISIONS, what a cache records), and two that are
+# measured on the machine for the job: 'auto' (the fastest faithful path) and 'int8' (the fastest faithful int8).
+CHOICES = ("fp32", "auto", "int8", *backends.INT8, "bf16", "fp16")
 
 
 class ExtractError(RuntimeError):
@@ -46,7 +48,7 @@ class ExtractSettings:
     shards: str | None = None     # instead of both: img2dataset tar shards (pattern) or its 'files' folder
     model: str = "ViT-B-32"
     pretrained: str = "openai"    # tag, FILE or 'none'
-    precision: str = "fp32"       # fp32 (exact), auto (measured), int8 / int8-fbgemm (CPU), bf16, fp16 (GPU)
+    precision: str = "fp32"       # one of CHOICES: fp32 (exact), auto and int8 (measured), a backend, bf16, fp16
     device: str = "cpu"
     # None: chosen from the device and the cores (see defaults_for)
     batch_size: int | None = None       # images per trunk call
@@ -82,7 +84,7 @@ def defaults_for(device: str, cores: int) -> dict:
     """Workers and batch sizes that keep ``device`` fed, given ``cores`` CPU cores for this process.
 
     On a CPU the trunks take the cores: one decoding worker keeps up, and small text batches keep
-    padding low (`make bench`). A GPU's trunks want big batches and many decoders: every core but
+    padding low (docs/performance.md). A GPU's trunks want big batches and many decoders: every core but
     the one that drives the GPU decodes, text batches are 1,024 captions bucketed by length inside
     windows of 16,384, and images go 256 at a time.
     """
@@ -350,22 +352,6 @@ def _finite(feats, kind: str, start: int, precision: str):
     return feats
 
 
-def encode_window(model, tokens: torch.Tensor, batch_size: int, device) -> torch.Tensor:
-    """Sort a window of captions by length and encode it in batches of similar length.
-
-    Small batches keep each bucket tight (little padding); `make bench` compares the
-    default batch with 256 on Flickr-length captions.
-    """
-    order = torch.argsort(tokens.argmax(dim=-1), stable=True).to(device)
-    out = torch.empty(len(tokens), model.ln_final.normalized_shape[0], device=device)
-    tokens = tokens.to(device, non_blocking=True)
-    for s, e in batches(len(order), batch_size):
-        idx = order[s:e]
-        with torch.no_grad():
-            out[idx] = model_mod.text_features(model, tokens[idx])
-    return out
-
-
 class _CaptionWindows(Dataset):
     """Tokenizes a window of captions (open_clip's own tokenizer), in the workers: off the trunks' path."""
 
@@ -407,7 +393,8 @@ def run_texts(model, tokenizer, writer, captions, settings: ExtractSettings, tod
                 item = None
                 if r < len(mine):
                     start, tokens, n_trunc = next(loader)
-                    item = (start, encode_window(model, tokens, settings.text_batch_size, team.device), n_trunc)
+                    feats = model_mod.encode_window(model, tokens, settings.text_batch_size, team.device)
+                    item = (start, feats, n_trunc)
                 out.put(item)
     return truncated
 
@@ -526,12 +513,11 @@ def extract(settings: ExtractSettings, log=None) -> ExtractSummary:
 
 def _check(settings: ExtractSettings) -> None:
     """Settings that cannot work together, refused before anything is loaded."""
-    if settings.precision not in (*model_mod.PRECISIONS, "auto"):
-        raise ExtractError(f"unknown precision {settings.precision!r}; choose one of "
-                           f"{[*model_mod.PRECISIONS, 'auto']}")
+    if settings.precision not in CHOICES:
+        raise ExtractError(f"unknown precision {settings.precision!r}; choose one of {list(CHOICES)}")
     if settings.precision == "fp16" and settings.device != "cuda":
         raise ExtractError("--precision fp16 is for --device cuda; on a CPU use fp32 (exact), or auto (faster)")
-    if settings.precision in model_mod.INT8 and settings.device != "cpu":
+    if settings.precision in ("int8", *backends.INT8) and settings.device != "cpu":
         raise ExtractError(f"--precision {settings.precision} is a CPU path; on a GPU use bf16, fp16 or auto")
     if settings.decode not in ("auto", "cpu", "device"):
         raise ExtractError(f"unknown decode {settings.decode!r}; choose auto, cpu or device")
@@ -552,7 +538,7 @@ def _extract(settings: ExtractSettings, team: Team, log) -> ExtractSummary:
     print(f"model: {loaded.description}" + (f" on {team.world} processes" if team.world > 1 else ""), file=log)
     heads = model_mod.take_heads(loaded.model)
     prepared = None
-    if settings.precision == "auto":
+    if settings.precision in ("auto", "int8"):  # measured on this machine, for this job
         choice = None
         if team.writer:
             try:
@@ -611,40 +597,41 @@ def _extract(settings: ExtractSettings, team: Team, log) -> ExtractSummary:
 
 
 def _choose_precision(settings: ExtractSettings, loaded, names, source, df, log) -> tuple:
-    """(precision, its prepared model or None, the line that says why) for --precision auto.
+    """(precision, its prepared model or None, the line that says why) for --precision auto or int8.
 
-    A cache being resumed keeps the precision it was started with. Otherwise bench.auto_precision
-    decides from this machine's record, or measures on a calibration batch of the job's own images
-    and captions.
+    A cache being resumed keeps the precision it was started with (for int8, where that was an int8 backend).
+    Otherwise autoprecision decides from this machine's record, or measures on a calibration batch of the job's own
+    images and captions.
     """
-    import bench
+    among = backends.INT8 if settings.precision == "int8" else None
     if settings.cache.exists():
         try:
             stored = cache_mod.read_attrs_to_resume(settings.cache)[0].get("precision")
         except OSError:
             stored = None
-        if stored in model_mod.PRECISIONS:
-            return stored, None, f"precision auto: {stored}, the precision {settings.cache} was started with"
+        if stored in (among or backends.PRECISIONS):
+            return stored, None, (f"precision {settings.precision}: {stored}, the precision {settings.cache} was "
+                                  "started with")
     pixels = []
     for name in names:
         try:
             pixels.append(loaded.preprocess(source.open(name)))
         except data.ImageLoadError:
             continue
-        if len(pixels) == bench.CAL_IMAGES:
+        if len(pixels) == autoprecision.CAL_IMAGES:
             break
+    if not pixels:
+        raise ExtractError(f"--precision {settings.precision}: not one image could be read to measure the paths on")
     captions = df["caption"].to_numpy(dtype=object)
-    picks = np.unique(np.linspace(0, len(captions) - 1, min(len(captions), bench.CAL_CAPTIONS)).astype(int))
-    return bench.auto_precision(loaded.model, settings.device, torch.stack(pixels),
-                                loaded.tokenizer(list(captions[picks])), len(names), len(captions),
-                                bench.model_id(loaded),
-                                settings.text_batch_size, log)
+    picks = np.unique(np.linspace(0, len(captions) - 1, min(len(captions), autoprecision.CAL_CAPTIONS)).astype(int))
+    return autoprecision.auto_precision(loaded.model, settings.device, torch.stack(pixels),
+                                        loaded.tokenizer(list(captions[picks])), len(names), len(captions),
+                                        autoprecision.model_id(loaded), settings.text_batch_size, log, among)
 
 
 def _warn_if_bf16_measured_slow(settings: ExtractSettings, loaded, log) -> None:
     """bf16 on a CPU is suggested only where it measured faster: warn when this machine's record says otherwise."""
-    import bench
-    paths = bench.read_record(bench.record_key("cpu", bench.model_id(loaded)))[0]
+    paths = autoprecision.read_record(autoprecision.record_key("cpu", autoprecision.model_id(loaded)))[0]
     if "bf16" in paths and "fp32" in paths and paths["bf16"]["image_rate"] < paths["fp32"]["image_rate"]:
         print(f"warning: bf16 measured {paths['bf16']['image_rate'] / paths['fp32']['image_rate']:.2f}x fp32 on "
               "this CPU (`cli.py bench`); --precision auto takes the fastest faithful path", file=log)
@@ -663,18 +650,12 @@ def _worker_death(message: str, path: Path) -> str:
 
 
 def _prepare_model(loaded: model_mod.LoadedModel, settings: ExtractSettings, team: Team, log):
-    if settings.precision == "int8":
-        print("int8: quantizing and compiling both trunks (a minute or so, once per run)", file=log)
     if settings.precision == "int8-ort":
         print("int8-ort: loading both trunks in ONNX Runtime (the first time for a model: exporting and quantizing "
               "them, a minute or so, kept for later runs)", file=log)
-    model = model_mod.prepare(loaded.model, settings.precision, team.device)
-    if settings.precision in model_mod.INT8:
+    model = backends.prepare(loaded.model, settings.precision, team.device)
+    if settings.precision in backends.INT8:
         print(f"int8 kernels: {model.int8_kernels}", file=log)
-        if model.int8_kernels.startswith("eager"):
-            print("warning: with eager int8 kernels, `make bench` measured only 1.2-1.6x fp32 and up to 1.7 pp of "
-                  "recall lost (torch's AVX2 code paths); --precision fp32 is exact and may be the better choice",
-                  file=log)
     return model
 
 
@@ -732,3 +713,17 @@ def export(checkpoint: dict, out: Path) -> tuple[str, Path | None]:
     with replacing(config_path) as tmp:
         tmp.write_text(config)
     return arch, config_path
+
+
+def encode_queries(info: dict, queries: list[str]) -> np.ndarray:
+    """Pre-projection features of free-text queries, from the same trunk and precision as the cache (``info``: its
+    attributes)."""
+    precision = str(info.get("precision", "fp32"))
+    if precision not in backends.PRECISIONS:  # 'int8': torchao's compiled path, which this version no longer has
+        raise ExtractError(f"this cache was extracted with --precision {precision}, which this version cannot run "
+                           "to encode queries; extract it again with --precision int8 (or fp32) into another --cache")
+    loaded = model_mod.load_like_cache(info)
+    model_mod.take_heads(loaded.model)
+    net = backends.prepare(loaded.model, precision, "cpu")
+    with torch.no_grad():
+        return model_mod.text_features(net, loaded.tokenizer(queries)).numpy()

@@ -1,8 +1,8 @@
 """Pretrain the project's small CLIP from scratch on the generated source world (`make pretrain`).
 
-    python pretrain.py                     # writes pretrained/ShapesCLIP.pt (fp16 state dict)
+    python benchmarks/pretrain.py          # writes finetune_clip/pretrained/ShapesCLIP.pt (fp16 state dict)
 
-The architecture is open_clip's own CLIP, built from ``pretrained/ShapesCLIP.json`` (4-layer
+The architecture is open_clip's own CLIP, built from ``finetune_clip/pretrained/ShapesCLIP.json`` (4-layer
 towers, 64 px images in 8 px patches, CLIP's BPE tokenizer). It learns contrastively, with
 open_clip's ``ClipLoss``, from source-world scenes rendered in memory, each step pairing every
 image with one of its templated captions at random. Seeded: the same torch build on the same
@@ -25,13 +25,13 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-import metrics
-import model as model_mod
-import worlds
-from atomic import replacing
+import finetune_clip
+from finetune_clip import metrics, worlds
+from finetune_clip import model as model_mod
+from finetune_clip.atomic import replacing
 
-CONFIG = Path("pretrained/ShapesCLIP.json")
-WEIGHTS = Path("pretrained/ShapesCLIP.pt")
+CONFIG = Path(finetune_clip.__file__).parent / "pretrained" / "ShapesCLIP.json"
+WEIGHTS = CONFIG.with_suffix(".pt")
 
 
 def render_pool(n: int, rng: np.random.Generator, size: int) -> tuple[torch.Tensor, list[dict]]:

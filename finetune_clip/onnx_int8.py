@@ -10,34 +10,22 @@ kept under ``$XDG_CACHE_HOME/finetune-clip-flickr30k/onnx-int8/``, keyed by the 
 torch and ONNX Runtime versions, with a checksum of every file; later runs load it in about a second.
 Files whose checksum fails are rebuilt, never used.
 
-Weights are 8-bit over their full range, in both trunks: signed where ONNX Runtime's unsigned x signed products
-are exact on this CPU (signed_weights_exact: measured, as on a CPU with VNNI, which sums the pairs into 32 bits),
-unsigned elsewhere. `make bench`'s "int8-ort weights" rows compare the three types (weight_variants). Random-init
-ViT-B/32, speed and min cosine to fp32:
-- without VNNI (an AVX2-only EPYC), signed 8-bit weights overflowed their 16-bit pair sums: image 0.99378 against
-  0.99992 unsigned; signed 7-bit (``reduce_range``) took faster kernels but lost more: text 0.99728 against 0.99906;
-- with VNNI the signed kernels are exact and the faster ones: signed 8-bit 2.08x / 2.21x fp32 (image / text) at
-  0.99993 / 0.99901 against unsigned 1.20x / 1.16x at 0.99993 / 0.99904 (an Intel Xeon held to AVX2 and AVX-VNNI
-  by tools/avx2_only.py --avx-vnni, as Intel's Core processors from the 12th generation on are; `bench.py
-  --weights`, one run), and 1.63x / 1.69x against 1.21x / 0.86x with AVX-512 VNNI (the same Xeon with its AMX
-  refused, the same rows by hand, one run).
-The norms, the attention scores, the patch and token embeddings stay fp32.
+Weights are 8-bit over their full range: signed where ONNX Runtime's unsigned x signed products are exact on this
+CPU (signed_weights_exact, measured: a CPU with VNNI sums the pairs into 32 bits), where they take its faster
+kernels; unsigned elsewhere, because without VNNI signed 8-bit weights overflow the 16-bit pair sums. The norms,
+the attention scores and the patch and token embeddings stay fp32. (Each weight type's speed and fidelity:
+docs/performance.md, `make bench-weights`.)
 
 The trunks are exported with their attention written out (``ExportBlocks``): the same arithmetic as open_clip's
-``nn.MultiheadAttention``, in fewer layout operations (the text graph's Reshapes and Transposes fall from 133 and
-96 to 24 and 48), each Transpose moving one axis, for which ONNX Runtime's CPU Transpose has a dedicated copy.
-(A five-axis permute of the packed q, k and v, as ``scaled_dot_product_attention`` on it exports, goes through
-its general path; tests/test_int8_ort.py holds every transpose to one axis.) On the AVX2 EPYC (flags avx2 fma),
-tools/int8_text_pairs.py 20 (the median of paired ratios over 20 alternations of 512 captions): the int8 text
-trunk ran 1.55x fp32 written out, against 1.39x as ``nn.MultiheadAttention`` exports; with the five-axis permute
-it had run 1.47x and 1.51x against 1.39x and 1.51x. Written out, each trunk's last block also runs at the class
-token or the EOT alone, as the torch paths run it (model.last_block_at): the text graph takes the EOT positions as
-a third input, ``at``.
+``nn.MultiheadAttention``, in far fewer layout operations, each Transpose moving one axis, for which ONNX Runtime's
+CPU Transpose has a dedicated copy (a five-axis permute, as ``scaled_dot_product_attention`` on the packed q, k and
+v exports, goes through its general path; tests/test_int8_ort.py holds every transpose to one axis). Written out,
+each trunk's last block also runs at the class token or the EOT alone, as the torch paths run it
+(model.last_block_at): the text graph takes the EOT positions as a third input, ``at``.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import fcntl
 import functools
 import hashlib
@@ -51,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from model import LinearSelfAttention, ModelError, file_sha256, pools_class_token
+from .model import LinearSelfAttention, ModelError, file_sha256, pools_class_token
 
 FILES = ("visual.onnx", "transformer.onnx")
 LAYOUT = 5  # bump when what is exported or how it is quantized changes
@@ -226,7 +214,7 @@ def _export(model: torch.nn.Module, folder: Path, written_out: bool = True) -> N
 def _quantize(folder: Path, out: Path | None = None, signed: bool | None = None, reduce_range: bool = False,
               written_out: bool = True) -> None:
     """The fp32 exports in ``folder``, quantized into ``out`` (default: beside them). The shipped weights (``signed``
-    None) are 8-bit at full range, signed where signed_weights_exact; the others are for `make bench`'s comparison."""
+    None) are 8-bit at full range, signed where signed_weights_exact; the others are for the benchmarks' comparison."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     signed = signed_weights_exact() if signed is None else signed
     for name in FILES:
@@ -247,23 +235,6 @@ def _at_one_position(path: Path) -> list[str]:
     graph = onnx.load(str(path), load_external_data=False).graph
     weights = {i.name for i in graph.initializer}
     return [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights][-3:]
-
-
-def weight_variants(model: torch.nn.Module, folder: Path) -> dict:
-    """{label: int8-ort copy of ``model``} for each weight type `make bench` compares, exported once into ``folder``."""
-    _export(model, folder)
-    out = {}
-    shipped = signed_weights_exact()
-    for label, signed, reduce_range in ((f"unsigned 8-bit{'' if shipped else ' (shipped here)'}", False, False),
-                                        ("signed 7-bit (reduce_range)", True, True),
-                                        (f"signed 8-bit{' (shipped here)' if shipped else ''}", True, False)):
-        sub = folder / label.split(" (")[0].replace(" ", "-")
-        sub.mkdir()
-        _quantize(folder, sub, signed, reduce_range)
-        q = copy.deepcopy(model)
-        q.visual, q.transformer = (OnnxTrunk(sub / name, torch.get_num_threads()) for name in FILES)
-        out[label] = q
-    return out
 
 
 @contextlib.contextmanager

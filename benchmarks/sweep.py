@@ -1,7 +1,7 @@
 """Measure the probe's settings where users stand (`make sweep`): the project's small pretrained
 CLIP adapted to the shifted target world, the same cache `make demo` builds.
 
-    .venv/bin/python tools/sweep_pretrained.py [--images 3000] [--seeds 0,1,2]
+    .venv/bin/python benchmarks/sweep_pretrained.py [--images 3000] [--seeds 0,1,2]
 
 Stages run one after another; each starts from the previous stage's winner, chosen by mean
 validation recall over the seeds (never by test). Every row prints validation mean recall
@@ -13,21 +13,13 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import cache  # noqa: E402
-import cli  # noqa: E402
-import extract  # noqa: E402
-import metrics  # noqa: E402
-import probe  # noqa: E402
-import worlds  # noqa: E402
+from finetune_clip import cache, cli, extract, metrics, probe, worlds
 
 STAGES = [
     ("learning rate x loss", [dict(lr=lr, loss=loss) for lr in (1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
@@ -69,10 +61,9 @@ def attribute_search(c: cache.Cache, settings: probe.ProbeSettings, seeds) -> st
     """For all 48 "a {colour} {shape}" queries, how many of the top 5 images show both (as the tests count)."""
     import pandas as pd
 
-    import model
     truth = pd.read_csv(Path("data/demo/target/scenes.csv")).set_index("image")
     queries = [(colour, shape) for colour in worlds.COLOURS for shape in worlds.SHAPES]
-    feats = model.encode_queries(c.attrs, [f"a {colour} {shape}" for colour, shape in queries])
+    feats = extract.encode_queries(c.attrs, [f"a {colour} {shape}" for colour, shape in queries])
 
     def hits(heads) -> float:
         shown = [[tuple(truth.loc[h["image"], ["colour", "shape"]]) for h in probe.search(c, heads, f, 5)]

@@ -1,4 +1,4 @@
-/* Preloaded by tools/avx2_only.py: every CPUID this process and its children execute after start-up answers with
+/* Preloaded by benchmarks/avx2_only.py: every CPUID this process and its children execute after start-up answers with
  * the feature bits named in $CPUID_MASK cleared, so libraries that choose kernels by CPUID (torch's cpuinfo,
  * fbgemm, oneDNN, MKL, ONNX Runtime's MLAS) choose the kernels of a CPU without those features.
  *

@@ -28,7 +28,8 @@ import pandas as pd
 from braceexpand import braceexpand
 from PIL import Image
 
-import data
+from . import data
+from .atomic import replacing
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext
@@ -199,7 +200,7 @@ def write_shards(df: pd.DataFrame, images: Path, folder: Path, per_shard: int = 
     paths = []
     for start in range(0, len(first), per_shard):
         path = folder / f"{start // per_shard:05d}.tar"
-        with tarfile.open(path, "w") as tar:
+        with replacing(path) as tmp, tarfile.open(tmp, "w") as tar:
             for i, r in first.iloc[start:start + per_shard].iterrows():
                 meta = {"key": f"{i:09d}", "source": r["image"], **({"split": r["split"]} if "split" in r else {})}
                 for ext, payload in (("jpg", (Path(images) / r["image"]).read_bytes()),

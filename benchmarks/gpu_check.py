@@ -1,13 +1,14 @@
 """The GPU measurement, one prepared script (issue 15): the project's extract against the naive loop, in one run.
 
-    python tools/gpu_check.py OUT                       # on the GPU: a Flickr30k-sized set (31,783 images)
-    python tools/gpu_check.py OUT --device cpu --images 16 --model pretrained/ShapesCLIP.json   # tiny, on a CPU
+    python benchmarks/gpu_check.py OUT                       # on the GPU: a Flickr30k-sized set (31,783 images)
+    python benchmarks/gpu_check.py OUT --device cpu --images 16 \
+        --model finetune_clip/pretrained/ShapesCLIP.json                # tiny, on a CPU
 
-It makes the synthetic collection (tools/flickr_like.py), then times each run as a fresh process, from its
+It makes the synthetic collection (benchmarks/flickr_like.py), then times each run as a fresh process, from its
 start to its sealed cache (model load included):
   - `cli.py extract --device D --precision bf16` and `--precision fp32`, every other option left to the defaults;
   - the same bf16 run with `--decode cpu` (PIL in the workers), for what decoding on the device buys;
-  - the naive loop (tools/naive_peer.py), fp32 and bf16 autocast, with every core but one decoding.
+  - the naive loop (benchmarks/naive_peer.py), fp32 and bf16 autocast, with every core but one decoding.
 Then fidelity against CPU fp32 on the first 256 images and their captions: the device's fp32 with PIL decoding
 (max relative error: the 1e-5 claim), and what bf16 and decoding on the device each change (min cosine). It prints a
 markdown table and writes OUT/gpu_check.json. Nothing here is part of the test suite's timing; tests/test_gpu_check.py
@@ -26,8 +27,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
 
 
 def timed(cmd: list, log: Path) -> tuple[float, str]:
@@ -47,7 +46,7 @@ def extract_cmd(ann: Path, cache: Path, device: str, model: str, *options) -> li
 
 
 def features(path: Path, rows: int | None = None) -> tuple:
-    import cache
+    from finetune_clip import cache
     c = cache.load(path)
     n = rows or len(c.image_features)
     caps = np.flatnonzero(c.text_image_index < n)
@@ -92,7 +91,7 @@ def main(argv=None) -> dict:
         print(f"{name}: {seconds:.1f} s", flush=True)
     for precision in ("fp32", "bf16"):
         name = f"naive loop {precision}"
-        _, stdout = timed([sys.executable, "tools/naive_peer.py", str(ann), str(ann.parent / "images"), precision,
+        _, stdout = timed([sys.executable, "benchmarks/naive_peer.py", str(ann), str(ann.parent / "images"), precision,
                            str(max(1, cores - 1)), args.device, args.model], out / f"naive_{precision}.log")
         runs[name] = json.loads(stdout.strip().splitlines()[-1])
         print(f"{name}: {runs[name]['total_s']:.1f} s", flush=True)

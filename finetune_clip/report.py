@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from atomic import replacing
+from .atomic import replacing
 
 PLOTS_HINT = "pictures need matplotlib: .venv/bin/pip install matplotlib (the 'plots' extra)"
 

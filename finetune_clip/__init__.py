@@ -1,0 +1,6 @@
+"""Adapt CLIP's projection heads to an image-caption collection on a CPU: extract features once, probe often.
+
+The stages, each a module with one main function: ``extract`` (frozen trunks -> HDF5 cache), ``probe`` (train the
+two heads on the cache), ``metrics`` (Recall@K). ``cli`` is the command line on top of them.
+"""
+__version__ = "0.9.0"
