@@ -246,8 +246,17 @@ def _write_failure(path: Path, what: str, exc: BaseException, expected: int) -> 
 
 
 def mismatch(stored: dict, wanted: dict) -> list[str]:
+    """The identity attributes in which ``stored`` differs from ``wanted``, each as 'name=stored (wanted ...)'.
+
+    Weights from a local file are the same weights wherever the file lies now: where both sides recorded the file's
+    sha256, that is compared instead of its path.
+    """
+    def value(attrs: dict, k: str) -> str:
+        if k == "pretrained" and str(attrs.get(k, "")).startswith("file:") and attrs.get("pretrained_sha256"):
+            return f"sha256 {attrs['pretrained_sha256']}"
+        return str(attrs.get(k, IDENTITY_DEFAULTS.get(k)))
     return [f"{k}={stored.get(k, IDENTITY_DEFAULTS.get(k))!r} (wanted {wanted[k]!r})"
-            for k in IDENTITY if k in wanted and str(stored.get(k, IDENTITY_DEFAULTS.get(k))) != str(wanted[k])]
+            for k in IDENTITY if k in wanted and value(stored, k) != value(wanted, k)]
 
 
 class Writer:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__, data
+from . import PRETRAINED, __version__, data
 from . import cache as cache_mod
 from .atomic import replacing
 from .probe import ProbeSettings
@@ -569,8 +569,7 @@ def search_cmd(query, cache_path, checkpoint, k, split, images, html_path):
 
 # ---------------------------------------------------------------- demo
 
-SMALL_CLIP = (Path(__file__).resolve().parent / "pretrained" / "ShapesCLIP.json",
-              Path(__file__).resolve().parent / "pretrained" / "ShapesCLIP.pt")
+SMALL_CLIP = (PRETRAINED / "ShapesCLIP.json", PRETRAINED / "ShapesCLIP.pt")
 
 
 @cli.command()
@@ -601,7 +600,7 @@ def demo(root, n_images, which, seed, workers):
     if which == "small-pretrained":
         world, size, (config, weights) = "target", 64, SMALL_CLIP
         model_args = dict(model=str(config), pretrained=str(weights))
-        click.echo("model: the project's small CLIP, pretrained on the source world (pretrained/ShapesCLIP.*)")
+        click.echo("model: ShapesCLIP, the small CLIP shipped with this package, pretrained on the source world")
     else:
         world, size, model_args = "source", 160, dict(model="ViT-B-32", pretrained="none", seed=seed)
         click.echo("model: ViT-B/32 with random weights (zero-shot is at chance)")

@@ -26,6 +26,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from . import PRETRAINED
+
 
 
 class ModelError(RuntimeError):
@@ -205,11 +207,24 @@ def load_like_cache(info: dict) -> LoadedModel:
     if info.get("model_config"):
         register_recorded_config(str(info["model"]), str(info["model_config"]))
     pretrained = str(info["pretrained"])
-    pretrained = pretrained[5:] if pretrained.startswith("file:") else pretrained
+    if pretrained.startswith("file:"):
+        pretrained = _recorded_file(Path(pretrained[5:]), str(info.get("pretrained_sha256") or ""))
     loaded = load_model(str(info["model"]), pretrained, seed=max(int(info.get("seed") or 0), 0))
     if loaded.arch != info["model"]:
         raise ModelError(f"rebuilt {loaded.arch}, but the cache was made with {info['model']}")
     return loaded
+
+
+def _recorded_file(path: Path, sha256: str) -> str:
+    """The weights file a cache recorded; where it is gone, the file of the same name and checksum that ships with
+    this package (ShapesCLIP lay outside the package in earlier versions)."""
+    if path.is_file():
+        return str(path)
+    shipped = PRETRAINED / path.name
+    if sha256 and shipped.is_file() and file_sha256(shipped) == sha256:
+        return str(shipped)
+    raise ModelError(f"the weights this cache was made with are no longer at {path}; put them back there to rebuild "
+                     "its model (probe, eval and compare need only the cache)")
 
 
 # ---------------------------------------------------------------- heads and trunks

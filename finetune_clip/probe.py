@@ -25,7 +25,8 @@ CHECKPOINT_FORMAT = "finetune-clip-flickr30k/heads-v1"
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's own clamp on the temperature
 ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))  # 0.0, 0.1, ..., 1.0
 LOSSES = ("single", "multi")
-CACHE_KEYS = ("model", "model_config", "pretrained", "precision", "seed")  # what rebuilds the model of a cache
+# What rebuilds the model of a cache (a checkpoint carries them, for export).
+CACHE_KEYS = ("model", "model_config", "pretrained", "pretrained_sha256", "precision", "seed")
 
 
 class ProbeError(ValueError):

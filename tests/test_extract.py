@@ -215,3 +215,38 @@ def test_gpu_only_settings_fail_clearly_without_a_gpu(shapes, tmp_path):
     if not torch.cuda.is_available():
         r = CliRunner().invoke(cli.cli, base + ["--device", "cuda"])
         assert r.exit_code == 1 and "no CUDA device" in r.output
+
+
+def test_weights_that_moved_keep_their_cache_and_rebuild_from_the_shipped_copy(shapes, tmp_path):
+    """A cache records a weights file by path and checksum. The same weights from elsewhere resume it (the checksum
+    is the identity, not the path); where the recorded path is gone, a file of the same name and checksum shipped
+    with the package (ShapesCLIP lay outside the package in earlier versions) rebuilds the model for search and
+    export; other weights are refused by name, and weights gone for good are one line."""
+    import io
+    import shutil
+    from dataclasses import replace
+
+    from conftest import SMALL_CLIP
+    annotations, images = shapes
+    moved = tmp_path / "old_place" / "ShapesCLIP.pt"
+    moved.parent.mkdir()
+    shutil.copy(SMALL_CLIP[1], moved)
+    settings = extract.ExtractSettings(annotations=annotations, images=images, cache=tmp_path / "c.h5",
+                                       model=str(SMALL_CLIP[0]), pretrained=str(moved), workers=0)
+    extract.extract(settings, log=io.StringIO())
+    before = cache.load(settings.cache).fingerprint
+    shutil.rmtree(moved.parent)
+    extract.extract(replace(settings, pretrained=str(SMALL_CLIP[1])), log=io.StringIO())  # resumed, not refused
+    c = cache.load(settings.cache)
+    assert c.fingerprint == before and c.attrs["pretrained"] == f"file:{moved}"
+    assert extract.encode_queries(c.attrs, ["a red circle"]).shape == (1, c.text_features.shape[1])
+
+    other = tmp_path / "other.pt"
+    weights = torch.load(SMALL_CLIP[1], weights_only=True)
+    weights["logit_scale"] = weights["logit_scale"] + 1
+    torch.save(weights, other)
+    with pytest.raises(cache.CacheError, match="made with other settings: pretrained="):
+        extract.extract(replace(settings, pretrained=str(other)), log=io.StringIO())
+    gone = {**c.attrs, "pretrained": f"file:{tmp_path / 'Gone.pt'}"}
+    with pytest.raises(model_mod.ModelError, match="no longer at .*Gone.pt; put them back"):
+        extract.encode_queries(gone, ["a red circle"])
