@@ -653,7 +653,14 @@ def _prepare_model(loaded: model_mod.LoadedModel, settings: ExtractSettings, tea
     if settings.precision == "int8-ort":
         print("int8-ort: loading both trunks in ONNX Runtime (the first time for a model: exporting and quantizing "
               "them, a minute or so, kept for later runs)", file=log)
-    model = backends.prepare(loaded.model, settings.precision, team.device)
+    try:
+        model = backends.prepare(loaded.model, settings.precision, team.device)
+    except model_mod.ModelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a backend that cannot run here: one line, not a trace
+        raise ExtractError(f"--precision {settings.precision} could not prepare the trunks on this machine "
+                           f"({autoprecision.first_reason(exc)[:160]}); choose another --precision (fp32 is exact, "
+                           "auto measures which paths run here)") from exc
     if settings.precision in backends.INT8:
         print(f"int8 kernels: {model.int8_kernels}", file=log)
     return model

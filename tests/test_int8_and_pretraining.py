@@ -173,3 +173,20 @@ def test_precision_int8_extracts_the_config_that_aborted_within_0_99_of_fp32(sha
         for x, y in zip(pair, feats["fp32.h5"]):
             cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
             assert cos.min() > 0.99, (name, cos.min())
+
+
+def test_a_backend_that_cannot_prepare_is_one_line_not_a_trace(shapes, tmp_path, monkeypatch):
+    """A kernel library that raises while the trunks are prepared (here: fbgemm's prepack, made to fail) ends the
+    run with one line naming the precision and the reason, before any row is marked done."""
+    annotations, images = shapes
+
+    def failing(model, precision, device):
+        raise RuntimeError("quantized::linear_prepack failed:\nno engine for this CPU")
+    monkeypatch.setattr(backends, "prepare", failing)
+    settings = extract.ExtractSettings(annotations=annotations, images=images, cache=tmp_path / "c.h5",
+                                       model=str(SMALL_CLIP[0]), pretrained="none", precision="int8-fbgemm",
+                                       workers=0)
+    with pytest.raises(extract.ExtractError, match="^--precision int8-fbgemm could not prepare the trunks on this "
+                                                   "machine \\(no engine for this CPU\\); choose another"):
+        extract.extract(settings, log=io.StringIO())
+    assert (cache.read_status(settings.cache)[1] == cache.PENDING).all()
