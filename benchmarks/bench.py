@@ -504,9 +504,7 @@ def probe_rows(img_rate: float, cap_rate: float) -> list:
 
 def memory_row() -> tuple:
     """Peak RSS of two real extract runs, one 4x the other: flat means streaming works. 120 images and more: a run of
-    30 is one partial batch of each kind, before malloc's heap has met every size a run needs (a one-off script on an
-    Intel Xeon, with the command line's allocator, cli.keep_freed_memory: 1686, 1862 and 1893 MiB for 30, 120 and
-    480 images; with glibc's own settings 1613, 1728 and 1774)."""
+    30 is one partial batch of each kind, before malloc's heap has met every size a run needs."""
     peaks = {}
     with tempfile.TemporaryDirectory() as tmp:
         for n in (120, 480):

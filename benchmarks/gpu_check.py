@@ -1,4 +1,4 @@
-"""The GPU measurement, one prepared script (issue 15): the project's extract against the naive loop, in one run.
+"""The GPU measurement, one prepared script: the project's extract against the naive loop, in one run.
 
     python benchmarks/gpu_check.py OUT                       # on the GPU: a Flickr30k-sized set (31,783 images)
     python benchmarks/gpu_check.py OUT --device cpu --images 16 \

@@ -8,7 +8,7 @@ XFEATURE_XTILEDATA)``), and every library that uses AMX asks first and falls bac
 (bf16 matrix products, and torch's int8 through it), ONNX Runtime's MLAS (its int8 products), inductor's CPU
 templates. This installs a seccomp filter that refuses that one request (EPERM), for this process and every
 process it starts, then runs the script. So on an AMX Xeon the libraries run the kernels they run on a Xeon
-whose hypervisor does not expose AMX, such as issue 14's (AVX512-BF16, VNNI, FP16, no AMX).
+whose hypervisor does not expose AMX (AVX512-BF16, VNNI and FP16, no AMX).
 
 What it cannot cover: /proc/cpuinfo still lists amx_* (the per-machine record keys on the flags, so keep its
 records apart with XDG_CACHE_HOME), and a library that uses AMX without asking would fault rather than fall back.

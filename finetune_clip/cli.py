@@ -613,8 +613,10 @@ def demo(root, n_images, which, seed, workers):
     c = _load_cache(cache_path)
     _train_and_report(c, probe.ProbeSettings(seed=seed), DEFAULT_CHECKPOINT, DEFAULT_HISTORY)
     _evaluate_and_report(c, "test", DEFAULT_CHECKPOINT, DEFAULT_RESULTS)
-    click.echo(f"search it: python cli.py search --cache {cache_path} \"a red circle\" "
-               f"--checkpoint {DEFAULT_CHECKPOINT} --html artifacts/search.html")
+    prog = click.get_current_context().find_root().info_name  # 'cli.py' from a checkout, else 'finetune-clip'
+    prog = f"python {prog}" if prog.endswith(".py") else prog
+    click.echo(f"search it: {prog} search --cache {cache_path} \"a red circle\" --checkpoint {DEFAULT_CHECKPOINT} "
+               "--html artifacts/search.html")
 
 
 # ---------------------------------------------------------------- shards

@@ -7,8 +7,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from finetune_clip import cache
-from finetune_clip import cli
+from finetune_clip import cache, cli
 
 LONG = " ".join(["a brown dog jumps over a wooden fence in the park"] * 10)
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from finetune_clip import cache
+
 from conftest import make_synthetic_cache
 
 

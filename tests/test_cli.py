@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from finetune_clip import cli
+
 from conftest import make_synthetic_cache
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,8 +6,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from finetune_clip import data
-from finetune_clip import worlds
+from finetune_clip import data, worlds
 
 
 def write(path, text):

@@ -15,10 +15,9 @@ import torch
 import torchvision
 from PIL import Image
 
-from finetune_clip import cache
-from finetune_clip import extract
-from finetune_clip import jpeg
+from finetune_clip import cache, extract, jpeg
 from finetune_clip import model as model_mod
+
 from conftest import ROOT
 
 SMALL = str(ROOT / "finetune_clip" / "pretrained" / "ShapesCLIP.json")  # the small architecture, random init: fast

@@ -6,11 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune_clip import cache
-from finetune_clip import data
-from finetune_clip import extract
+from finetune_clip import cache, data, extract, worlds
 from finetune_clip import model as model_mod
-from finetune_clip import worlds
 
 LONG = " ".join(["a dog runs across the green grass toward a red ball"] * 12)  # ~130 tokens, truncated
 

@@ -24,9 +24,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from finetune_clip import cache
-from finetune_clip import cli
-from finetune_clip import extract
+from finetune_clip import cache, cli, extract
+
 import forked
 from test_resume import arrays
 

@@ -8,13 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from finetune_clip import cache
-from finetune_clip import extract
-import forked
-from finetune_clip import backends
+from finetune_clip import backends, cache, extract, probe
 from finetune_clip import model as model_mod
-from finetune_clip import probe
+
 from conftest import ROOT, SMALL_CLIP
+import forked
 
 
 def test_linear_attention_is_multihead_attention_in_fp32(reference_model):

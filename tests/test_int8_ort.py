@@ -4,10 +4,9 @@ import copy
 import pytest
 import torch
 
-from finetune_clip import autoprecision
-from finetune_clip import backends
+from finetune_clip import autoprecision, backends, onnx_int8
 from finetune_clip import model as model_mod
-from finetune_clip import onnx_int8
+
 from conftest import SMALL_CLIP
 
 

@@ -15,12 +15,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from finetune_clip import autoprecision
-from finetune_clip import cache
-from finetune_clip import cli
-from finetune_clip import extract
-from finetune_clip import backends
+from finetune_clip import autoprecision, backends, cache, cli, extract
 from finetune_clip import model as model_mod
+
 from conftest import SMALL_CLIP, make_synthetic_cache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -416,14 +413,14 @@ def test_fbgemm_takes_full_range_activations_only_where_its_products_do_not_satu
     7-bit activations; on this CPU's own kernels it answers as it measures. Each in a fresh process."""
     code = "from finetune_clip import backends; print(backends.fbgemm_full_range())"
 
-    def ask(isa):
+    def ask(isa):  # the three processes run side by side
         env = {k: v for k, v in os.environ.items() if k != "FBGEMM_ENABLE_INSTRUCTIONS"}
         if isa:
             env["FBGEMM_ENABLE_INSTRUCTIONS"] = isa
-        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
-                              cwd=ROOT).stdout.strip()
-    assert ask("AVX2") == "False" and ask("AVX512") == "False"
-    assert ask("") == str(backends.fbgemm_full_range())
+        return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    answers = {isa: ask(isa) for isa in ("AVX2", "AVX512", "")}
+    answers = {isa: proc.communicate(timeout=300)[0].strip() for isa, proc in answers.items()}
+    assert answers == {"AVX2": "False", "AVX512": "False", "": str(backends.fbgemm_full_range())}
 
 
 def test_bench_ends_with_the_recommendation_and_fills_the_record(shapes, monkeypatch):

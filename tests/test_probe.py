@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from finetune_clip import cache
-from finetune_clip import metrics
-from finetune_clip import probe
+from finetune_clip import cache, metrics, probe
+
 from conftest import make_synthetic_cache
 
 FAST = probe.ProbeSettings(lr=1e-2, batch_size=32, epochs=15, patience=15, seed=0)

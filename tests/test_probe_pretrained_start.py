@@ -8,10 +8,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from finetune_clip import cache
-from finetune_clip import cli
-from finetune_clip import metrics
-from finetune_clip import probe
+from finetune_clip import cache, cli, metrics, probe
 
 FAST = probe.ProbeSettings(lr=1e-2, batch_size=32, epochs=6, patience=6, seed=0)
 

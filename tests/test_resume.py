@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 
 from finetune_clip import cache
+
 import forked
 
 ROOT = Path(__file__).resolve().parents[1]

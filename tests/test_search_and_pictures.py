@@ -9,11 +9,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from finetune_clip import cache
-from finetune_clip import cli
-from finetune_clip import extract
-from finetune_clip import probe
-from finetune_clip import report
+from finetune_clip import cache, cli, extract, probe, report
+
 from conftest import make_synthetic_cache
 
 

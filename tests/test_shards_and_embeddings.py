@@ -9,11 +9,8 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from finetune_clip import cache
-from finetune_clip import cli
-from finetune_clip import extract
-from finetune_clip import probe
-from finetune_clip import shards
+from finetune_clip import cache, cli, extract, probe, shards
+
 from conftest import SMALL_CLIP
 
 

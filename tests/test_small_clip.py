@@ -7,13 +7,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from finetune_clip import cache
-from finetune_clip import cli
-from finetune_clip import data
-from finetune_clip import extract
+from finetune_clip import cache, cli, data, extract, probe, worlds
 from finetune_clip import model as model_mod
-from finetune_clip import probe
-from finetune_clip import worlds
+
 from conftest import SMALL_CLIP
 
 
