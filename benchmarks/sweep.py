@@ -1,7 +1,7 @@
 """Measure the probe's settings where users stand (`make sweep`): the project's small pretrained
 CLIP adapted to the shifted target world, the same cache `make demo` builds.
 
-    .venv/bin/python benchmarks/sweep_pretrained.py [--images 3000] [--seeds 0,1,2]
+    .venv/bin/python benchmarks/sweep.py [--images 3000] [--seeds 0,1,2]
 
 Stages run one after another; each starts from the previous stage's winner, chosen by mean
 validation recall over the seeds (never by test). Every row prints validation mean recall
