@@ -25,7 +25,7 @@ import click
 from . import PRETRAINED, __version__, data
 from . import cache as cache_mod
 from .atomic import replacing
-from .probe import ProbeSettings
+from .probe_settings import ProbeError, ProbeSettings
 
 DEFAULT_ANNOTATIONS = Path("data/flickr30k_annotations_with_splits.csv")
 DEFAULT_IMAGES = Path("data/flickr30k_images")
@@ -36,10 +36,9 @@ DEFAULT_RESULTS = Path("artifacts/final_evaluation_results.json")
 
 
 def _library_errors() -> tuple:
-    """The error types the stage modules raise on purpose (extract/probe only if already imported)."""
-    known = [data.DataError, cache_mod.CacheError, OSError]
-    for module, name in (("extract", "ExtractError"), ("model", "ModelError"), ("probe", "ProbeError"),
-                         ("autoprecision", "PrecisionError")):
+    """The error types the stage modules raise on purpose (the heavy modules' only if already imported)."""
+    known = [data.DataError, cache_mod.CacheError, ProbeError, OSError]
+    for module, name in (("extract", "ExtractError"), ("model", "ModelError"), ("autoprecision", "PrecisionError")):
         loaded = sys.modules.get(f"{__package__}.{module}")
         if loaded is not None:
             known.append(getattr(loaded, name))

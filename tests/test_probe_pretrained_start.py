@@ -37,7 +37,7 @@ def test_interpolation_falls_back_toward_the_pretrained_heads_when_training_did_
     gen = torch.Generator().manual_seed(0)
     harmful = probe.Heads(torch.randn(init.visual_proj.shape, generator=gen),
                           torch.randn(init.text_projection.shape, generator=gen), init.logit_scale)
-    heads, mix, chosen = probe.interpolate(init, harmful, val, probe.ALPHAS)
+    heads, mix, chosen = probe.interpolate(init, harmful, val, probe.ProbeSettings().alphas)
     assert mix["val_by_alpha"]["1.0"] < zero_shot - 20  # the trained heads really did harm
     assert metrics.mean_recall(chosen) >= zero_shot and mix["alpha"] <= 0.5
     assert torch.allclose(heads.visual_proj, init.mix(harmful, mix["alpha"]).visual_proj)
