@@ -32,6 +32,8 @@ SEEDS = tuple(range(30))
 # one gallery of 1,000 images left +-0.7 to +-1.0 pp intervals there (int8-ort, bf16), and 1 + 15 took int8-ort's to
 # +-0.16 and +-0.22 pp (an AMX Xeon, 24 minutes for the recall rows of int8-fbgemm, int8-ort and bf16).
 GALLERIES = 15
+
+
 def block_flops(width: int, hidden: int, n: int, queries: int) -> float:
     """Forward FLOPs (2 per multiply-add) of one transformer block on n positions, queries at ``queries`` of them:
     keys and values at every position; queries, attention output, out_proj and MLP at the queries alone (the
@@ -487,8 +489,8 @@ def probe_rows(img_rate: float, cap_rate: float) -> list:
     x_txt = torch.from_numpy(rng.standard_normal((n_cap, 512), dtype=np.float32))
     settings = probe.ProbeSettings()
     init = probe.Heads(torch.randn(768, 512) / 28, torch.randn(512, 512) / 23, torch.tensor(4.6))
-    heads = probe.Heads(*(t.clone().requires_grad_(True) for t in (init.visual_proj, init.text_projection,
-                                                                  init.logit_scale)))
+    heads = probe.Heads(*(t.clone().requires_grad_(True)
+                          for t in (init.visual_proj, init.text_projection, init.logit_scale)))
     opt = torch.optim.AdamW([heads.visual_proj, heads.text_projection, heads.logit_scale], lr=settings.lr)
     sampler = probe.CaptionSampler(idx, n_img)
     gen = torch.Generator().manual_seed(0)

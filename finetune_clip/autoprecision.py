@@ -58,7 +58,6 @@ def gemm_rates() -> dict:
              ("a @ b", lambda: x @ wt))}
 
 
-
 # In the order they are calibrated: fp32 first (every path is held to it), int8-fbgemm before bf16 (where bf16 has no
 # fast kernels it then stops at its first slice, behind int8: see time_trunk).
 PATHS = {"cpu": ("fp32", "int8-fbgemm", "bf16", "int8-ort"), "cuda": ("fp32", "bf16", "fp16")}
@@ -495,5 +494,3 @@ def machine_check(model, tokenizer, device: str, model_id: str, job: tuple[int, 
             f"({n_img} images, {n_cap} captions)")
     print(line, file=out)
     return best
-
-

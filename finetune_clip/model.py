@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from . import PRETRAINED
 
 
-
 class ModelError(RuntimeError):
     """A model or its weights cannot be built or loaded; the message says what was expected."""
 

@@ -134,8 +134,8 @@ def train(c: cache_mod.Cache, settings: ProbeSettings, out: Path, history_path: 
     gen = torch.Generator().manual_seed(settings.seed)
     train_view, val_view = _split(c, "train"), _split(c, "val")
     init = Heads.from_cache(c)
-    heads = Heads(*(t.clone().requires_grad_(True) for t in (init.visual_proj, init.text_projection,
-                                                              init.logit_scale)))
+    heads = Heads(*(t.clone().requires_grad_(True)
+                    for t in (init.visual_proj, init.text_projection, init.logit_scale)))
     heads.logit_scale.requires_grad_(settings.train_logit_scale)
     groups = [{"params": [heads.visual_proj, heads.text_projection], "weight_decay": settings.weight_decay}]
     if settings.train_logit_scale:

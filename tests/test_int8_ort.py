@@ -160,7 +160,7 @@ def test_auto_takes_int8_ort_from_the_record_once_its_files_are_on_disk(small):
     for net, expected in ((loaded.model, "int8-ort"), (other, "int8-fbgemm")):
         autoprecision.write_record(autoprecision.record_key("cpu", "ort-test"), record)
         precision, prepared, line = autoprecision.auto_precision(net, "cpu", pixels, tokens, 200, 1000, "ort-test",
-                                                         log=io.StringIO())
+                                                                 log=io.StringIO())
         assert (precision, prepared) == (expected, None) and "; from " in line
 
 

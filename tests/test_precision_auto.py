@@ -43,7 +43,7 @@ def small():
 def run_auto(small, n_images, n_captions, log=None):
     loaded, pixels, tokens = small
     return autoprecision.auto_precision(loaded.model, "cpu", pixels, tokens, n_images, n_captions, "small-test", 64,
-                                log or io.StringIO())
+                                        log or io.StringIO())
 
 
 def test_a_short_job_takes_fp32_without_calibrating(small, record_home, monkeypatch):
@@ -275,7 +275,7 @@ def test_a_trunk_is_timed_again_only_where_paths_come_close(monkeypatch, int8_im
         return n / 2.5 if run[1] == "fp32" else n / 2.75, None
     monkeypatch.setattr(autoprecision, "_timed", timed)
     autoprecision.time_again_where_close(measured, {k: k for k in measured}, "cpu", torch.zeros(8, 3, 2, 2),
-                                 torch.zeros(128, 77, dtype=torch.long), 64)
+                                         torch.zeros(128, 77, dtype=torch.long), 64)
     assert calls == timed_again
     if timed_again:
         assert measured["fp32"]["image_rate"] == pytest.approx(2.5)
