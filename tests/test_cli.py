@@ -181,3 +181,10 @@ def test_the_command_lines_malloc_reuses_a_freed_tensors_memory_instead_of_pagin
                                       cwd=ROOT).stdout) for how in ("glibc", "keep")}
     assert faults["glibc"] > 10 * 16_384 * 0.9
     assert faults["keep"] < 16_384
+
+
+def test_the_precision_choices_are_the_ones_extract_runs():
+    """The command line lists --precision's choices without importing extract (and torch) for --help."""
+    from finetune_clip import extract
+    option = next(p for p in cli.cli.commands["extract"].params if p.name == "precision")
+    assert tuple(option.type.choices) == extract.CHOICES
