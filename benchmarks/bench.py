@@ -17,14 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import finetune_clip
 from finetune_clip import backends, cache, extract, metrics, onnx_int8, probe, worlds
 from finetune_clip import model as model_mod
+from finetune_clip.cli import SMALL_CLIP
 from finetune_clip.autoprecision import (FLICKR_CAPTIONS, FLICKR_IMAGES, best_of, cpu_name_and_flags,
                                          flickr_like_captions, gemm_rates, isa_flags)
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL_CLIP = tuple(Path(finetune_clip.__file__).parent / "pretrained" / f"ShapesCLIP.{ext}" for ext in ("json", "pt"))
 # Probes retrained per cache for the recall rows. Retraining alone moves R@K by 0.6-1.9 pp (standard deviation, fp32
 # cache); 6 seeds left +-1.3 to +-2.2 pp intervals that could not settle a 1 pp budget, 30 seeds about +-0.6.
 SEEDS = tuple(range(30))

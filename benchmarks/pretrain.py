@@ -25,13 +25,12 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-import finetune_clip
 from finetune_clip import metrics, worlds
 from finetune_clip import model as model_mod
 from finetune_clip.atomic import replacing
+from finetune_clip.cli import SMALL_CLIP
 
-CONFIG = Path(finetune_clip.__file__).parent / "pretrained" / "ShapesCLIP.json"
-WEIGHTS = CONFIG.with_suffix(".pt")
+CONFIG, WEIGHTS = SMALL_CLIP
 
 
 def render_pool(n: int, rng: np.random.Generator, size: int) -> tuple[torch.Tensor, list[dict]]:

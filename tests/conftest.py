@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune_clip import cache, worlds  # noqa: E402  (a checkout not installed: the package beside tests/)
+from finetune_clip import cache, cli, worlds  # noqa: E402  (a checkout not installed: the package beside tests/)
 
 # The suite never reads or writes the user's ~/.cache: the per-machine precision record and int8-ort's exported
 # trunks live under $XDG_CACHE_HOME, for the tests a folder of this run's own (tests that need an empty one set theirs).
@@ -84,8 +84,7 @@ def synthetic_cache(tmp_path):
 
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL_CLIP = (ROOT / "finetune_clip" / "pretrained" / "ShapesCLIP.json",
-              ROOT / "finetune_clip" / "pretrained" / "ShapesCLIP.pt")
+SMALL_CLIP = cli.SMALL_CLIP  # ShapesCLIP's config and weights, shipped with the package
 
 
 @pytest.fixture(scope="session")

@@ -18,9 +18,9 @@ from PIL import Image
 from finetune_clip import cache, extract, jpeg
 from finetune_clip import model as model_mod
 
-from conftest import ROOT
+from conftest import ROOT, SMALL_CLIP
 
-SMALL = str(ROOT / "finetune_clip" / "pretrained" / "ShapesCLIP.json")  # the small architecture, random init: fast
+SMALL = str(SMALL_CLIP[0])  # the small architecture, random init: fast
 
 
 def settings_for(annotations, images, path, **kw):

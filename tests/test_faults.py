@@ -27,12 +27,11 @@ from click.testing import CliRunner
 from finetune_clip import cache, cli, extract
 
 import forked
+from conftest import SMALL_CLIP
 from test_resume import arrays
 
-ROOT = Path(__file__).resolve().parents[1]
 # The project's small CLIP architecture (random init): these tests are about the file, and it runs in moments.
-ARGS = ["--model", str(ROOT / "finetune_clip" / "pretrained" / "ShapesCLIP.json"), "--pretrained", "none",
-        "--batch-size", "8", "--text-batch-size", "16"]
+ARGS = ["--model", str(SMALL_CLIP[0]), "--pretrained", "none", "--batch-size", "8", "--text-batch-size", "16"]
 
 
 def cmd(shapes, path, workers=0):

@@ -98,7 +98,7 @@ def test_int8_takes_the_fastest_faithful_int8_backend_never_another_path(small, 
     int8 = {k: autoprecision.projected_s(entry[k], 10_000_000, 50_000_000) for k in backends.INT8
             if not entry[k]["struck"]}
     assert precision == min(int8, key=int8.get) and line.startswith(f"precision int8: {precision} (")
-    assert precision in {type(prepared.visual).__name__ == "OnnxTrunk" and "int8-ort" or "int8-fbgemm"}
+    assert (type(prepared.visual).__name__ == "OnnxTrunk") == (precision == "int8-ort")  # the path it prepared
     for name in backends.INT8:  # a record where neither is faithful: one line that names each one's reason
         entry[name]["struck"] = "min cosine 0.98 < 0.999 to fp32"
     autoprecision.write_record(autoprecision.record_key("cpu", "int8-test"), entry)
